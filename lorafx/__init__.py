@@ -1,0 +1,54 @@
+"""lorafx: LoRA-family adapters as fx graph rewrites.
+
+``import lorafx`` stays light: it imports torch only (no triton, onnx or transformers).
+"""
+
+from lorafx.adapter import Adapter, Lowered, SiteAdapters
+from lorafx.adapter_files import load_adapter, save_adapter
+from lorafx.apply import (
+    active_adapter,
+    adapter_names,
+    apply,
+    delete_adapter,
+    iter_sites,
+    set_adapter,
+    step,
+)
+from lorafx.config import AdapterConfig, register_variant, variant_names
+from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
+from lorafx.merge import is_merged, merge, unmerge
+from lorafx.peft_interop import from_peft, to_peft
+from lorafx.spec import Spec
+from lorafx.variants import LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "AdapterFileError",
+    "LoRA",
+    "LorafxError",
+    "Lowered",
+    "NotMergeableError",
+    "SiteAdapters",
+    "Spec",
+    "SpecError",
+    "TraceError",
+    "active_adapter",
+    "adapter_names",
+    "apply",
+    "delete_adapter",
+    "from_peft",
+    "is_merged",
+    "iter_sites",
+    "load_adapter",
+    "merge",
+    "register_variant",
+    "save_adapter",
+    "set_adapter",
+    "step",
+    "to_peft",
+    "unmerge",
+    "variant_names",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from lorafx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Adapter configs: one frozen dataclass per variant, registered by name.
+
+A variant registers its config class with :func:`register_variant`; the registry maps the JSON name
+(``{"variant": "lora", ...}``) to the class. Specs serialize as registry key + version + fields, never
+as an import path, so a saved spec stays loadable when code moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from lorafx.errors import SpecError
+
+_VARIANTS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: register an :class:`AdapterConfig` subclass under ``cls.name``."""
+    name = cls.name
+    if name in _VARIANTS and _VARIANTS[name] is not cls:
+        raise ValueError(f"variant {name!r} is registered twice ({_VARIANTS[name].__qualname__}, {cls.__qualname__})")
+    _VARIANTS[name] = cls
+    return cls
+
+
+def variant_names() -> list[str]:
+    """Names of every registered variant, sorted."""
+    _load_builtin_variants()
+    return sorted(_VARIANTS)
+
+
+def variant_class(name: str) -> type[AdapterConfig]:
+    """The config class registered as ``name``; a clear error lists the valid names otherwise."""
+    _load_builtin_variants()
+    if name not in _VARIANTS:
+        raise SpecError(f"unknown variant {name!r}; known variants: {', '.join(sorted(_VARIANTS))}")
+    return _VARIANTS[name]
+
+
+def _load_builtin_variants() -> None:
+    import lorafx.variants  # noqa: F401  (registers the built-in variants on import)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Base of every variant's config. Subclasses are frozen dataclasses with a ``name`` ClassVar."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def make_adapter(self, in_features: int, out_features: int, site: str):
+        """Build the adapter module for one site of shape ``[out_features, in_features]``."""
+        raise NotImplementedError
+
+    @classmethod
+    def finalize(cls, adapters: dict, adapter_name: str):
+        """Model-level post-pass over every site of this variant in one ``apply`` (site FQN -> adapter).
+
+        Returns an optional ``nn.Module`` of shared state that ``apply`` registers on the model root
+        (``model.lorafx_shared``), e.g. Uni-LoRA's one vector. Default: nothing shared.
+        """
+        return None
+
+    def mergeable(self) -> bool:
+        """True when ΔW is a constant matrix at inference (no input-dependent gate)."""
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``{"variant": name, "version": v, **fields}``."""
+        fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"variant": self.name, "version": self.version, **fields}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`to_dict`; unknown variants, versions or fields are a :class:`SpecError`."""
+        data = dict(data)
+        if "variant" not in data:
+            raise SpecError(f"adapter config {data!r} has no 'variant' key")
+        cls = variant_class(data.pop("variant"))
+        version = data.pop("version", cls.version)
+        if version != cls.version:
+            raise SpecError(f"variant {cls.name!r}: config version {version!r} is not supported (this lorafx reads {cls.version})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"variant {cls.name!r}: unknown config field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

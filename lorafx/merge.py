@@ -1,0 +1,77 @@
+"""Fold adapters into base weights and back.
+
+``W ← round(W_fp32 + ΔW_fp32)``: the sum is taken in fp32 and rounded to the base dtype once. PEFT
+adds ΔW in the base dtype, which drifts in bf16 (peft#1388); measured numbers are in the README's
+precision table (``benchmarks/precision.py``). Unmerge subtracts the same fp32 ΔW, so it restores W
+up to one rounding of the base dtype; ``keep_original=True`` keeps a copy and restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafx.adapter import SiteAdapters
+from lorafx.apply import info, iter_sites
+from lorafx.errors import NotMergeableError, SpecError
+
+
+def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
+    return model.get_submodule(sa.site).weight
+
+
+def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
+    delta = sa.adapters[name].delta_weight()
+    return delta.t() if sa.fan_in_fan_out else delta
+
+
+@torch.no_grad()
+def merge(model: nn.Module, keep_original: bool = False) -> None:
+    """Fold the active adapter into the base weights of every site that has it.
+
+    Raises :class:`NotMergeableError` (before changing anything) if any site's adapter is not
+    mergeable, e.g. MoR. After merging, the adapted sites run the base matmul only.
+    """
+    name = info(model).active
+    if name is None:
+        raise SpecError("no active adapter to merge; lorafx.set_adapter(model, name) first")
+    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    if any(sa.merged is not None for sa in sites):
+        raise SpecError(f"adapter {name!r} is already merged")
+    bad = [sa.site for sa in sites if not sa.adapters[name].config.mergeable()]
+    if bad:
+        raise NotMergeableError(f"adapter {name!r} cannot be merged at sites {bad}: its gate depends on the input")
+    originals = []
+    try:
+        for sa in sites:
+            w = _weight(model, sa)
+            originals.append((sa, w.detach().clone()))
+            w.copy_((w.float() + _delta(sa, name).to(w.device)).to(w.dtype))
+    except BaseException:
+        for sa, orig in originals:
+            _weight(model, sa).copy_(orig)
+        raise
+    for sa, orig in originals:
+        sa.merged = name
+        sa.__dict__["_lorafx_original"] = orig if keep_original else None
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`: subtract the fp32 ΔW (or restore the kept original exactly)."""
+    sites = [sa for sa in iter_sites(model).values() if sa.merged is not None]
+    if not sites:
+        raise SpecError("nothing is merged")
+    for sa in sites:
+        w = _weight(model, sa)
+        orig = sa.__dict__.pop("_lorafx_original", None)
+        if orig is not None:
+            w.copy_(orig)
+        else:
+            w.copy_((w.float() - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+        sa.merged = None
+
+
+def is_merged(model: nn.Module) -> bool:
+    """True when an adapter is folded into the base weights."""
+    return any(sa.merged is not None for sa in iter_sites(model).values())

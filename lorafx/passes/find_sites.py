@@ -1,0 +1,121 @@
+"""Find the linear call sites of an fx graph, in the three forms front-ends produce.
+
+* ``call_module`` of an ``nn.Linear`` (or transformers' ``Conv1D``, weight ``[d_in, d_out]``) —
+  ``torch.fx.symbolic_trace``;
+* ``call_function`` of ``F.linear`` / ``torch._C._nn.linear`` with the weight as a ``get_attr`` or a
+  placeholder — Dynamo graphs, and modules that call ``F.linear`` themselves;
+* ``call_function`` of ``aten.linear.default`` with ``meta["nn_module_stack"]`` — ``torch.export``.
+
+Each site is keyed by the FQN of the module that owns the weight. ``apply`` and ``lorafx inspect``
+share this function, so what the CLI shows is exactly what the rewrite does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+
+
+@dataclass
+class LinearSite:
+    """One linear call site. ``fqn`` is relative to the model root (``prefix`` + path in the graph)."""
+
+    node: fx.Node
+    fqn: str
+    form: str  # "call_module" | "call_function" | "aten"
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False  # weight stored [d_in, d_out] (Conv1D)
+    module_type: str = "Linear"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so that lorafx never imports transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_module(module: nn.Module) -> bool:
+    """``nn.Linear`` or a transformers ``Conv1D`` (the linears lorafx adapts)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _dynamo_path(path: str) -> str:
+    """``L['self'].layers[0].mlp`` or ``L__self___layers_0`` -> ``layers.0.mlp`` (best effort)."""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def _owner_from_stack(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _type = list(stack.values())[-1]
+    return _dynamo_path(path)
+
+
+def _weight_shape(gm: fx.GraphModule, w: fx.Node) -> tuple[int, ...] | None:
+    if w.op == "get_attr":
+        try:
+            return tuple(gm.get_parameter(w.target).shape)
+        except AttributeError:
+            t = getattr(gm, w.target, None)
+            return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+    val = w.meta.get("val", w.meta.get("example_value"))
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node, prefix: str, form: str) -> LinearSite | None:
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(w, fx.Node):
+        return None
+    fan_in_fan_out = w.op == "call_method" and w.target == "t" and isinstance(w.args[0], fx.Node)
+    if fan_in_fan_out:  # F.linear(x, W.t(), b): a Conv1D-style weight stored [d_in, d_out]
+        w = w.args[0]
+    shape = _weight_shape(gm, w)
+    if shape is None or len(shape) != 2:
+        return None
+    if fan_in_fan_out:
+        shape = shape[::-1]
+    if w.op == "get_attr" and w.target.endswith("weight"):
+        owner = w.target.rsplit(".", 1)[0] if "." in w.target else ""
+    else:
+        owner = _owner_from_stack(node)
+        if owner is None:
+            return None
+    return LinearSite(node, _join(prefix, owner), form, shape[1], shape[0], fan_in_fan_out)
+
+
+def find_sites(gm: fx.GraphModule, prefix: str = "") -> list[LinearSite]:
+    """Every linear call site of ``gm`` in graph order. ``prefix`` is ``gm``'s FQN inside the model."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Linear):
+                sites.append(LinearSite(node, _join(prefix, node.target), "call_module", mod.in_features, mod.out_features))
+            elif _is_conv1d(mod):
+                d_in, d_out = mod.weight.shape
+                sites.append(
+                    LinearSite(node, _join(prefix, node.target), "call_module", d_in, d_out, True, "Conv1D")
+                )
+        elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+            site = _function_site(gm, node, prefix, "call_function")
+            if site is not None:
+                sites.append(site)
+        elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            site = _function_site(gm, node, prefix, "aten")
+            if site is not None:
+                sites.append(site)
+    return sites

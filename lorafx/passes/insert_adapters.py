@@ -1,0 +1,84 @@
+"""Rewrite linear call sites into the canonical adapter subgraph.
+
+Each selected site ``y = linear(x, W, b)`` becomes::
+
+    low = call_module lorafx.<key>(x)                 # SiteAdapters: the active adapter, lowered
+    y   = call_function lora_linear(x, W, b, low)     # x Wᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ
+
+The adapters live in the graph module under ``lorafx`` (a ``ModuleDict``), so ``parameters()``,
+``state_dict()``, ``.to()`` and DDP see them, and switching the active adapter changes no graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from lorafx.adapter import SiteAdapters
+from lorafx.errors import TraceError
+from lorafx.kernels.reference import lora_linear
+from lorafx.passes.find_sites import LinearSite, find_sites
+
+CONTAINER = "lorafx"
+
+
+def site_key(local_fqn: str) -> str:
+    """ModuleDict key of a site inside its region (``""`` is the region itself)."""
+    return local_fqn.replace(".", "__") if local_fqn else "self"
+
+
+def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``graph`` that shares ``gm``'s submodules and parameters."""
+    new_graph = fx.Graph()
+    out = new_graph.graph_copy(graph, {})
+    new_graph.output(out)
+    return fx.GraphModule(gm, new_graph, class_name=class_name)
+
+
+def _operands(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """(x, weight [d_out, d_in], bias) nodes for ``site``; inserts get_attr nodes for module forms."""
+    node = site.node
+    if site.form == "call_module":
+        mod = gm.get_submodule(node.target)
+        w = gm.graph.get_attr(f"{node.target}.weight")
+        if site.fan_in_fan_out:
+            w = gm.graph.call_method("t", (w,))
+        b = gm.graph.get_attr(f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+        return node.args[0], w, b
+    x = node.args[0]
+    w = node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return x, w, b
+
+
+def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefix: str = "") -> PassResult:
+    """Return a new GraphModule in which every site named in ``sites`` calls ``lora_linear``.
+
+    Args:
+        gm: the traced region; it is not modified (the result shares its weights).
+        sites: local site FQN (relative to ``gm``) -> the :class:`SiteAdapters` to install there.
+        prefix: ``gm``'s FQN in the model, to report sites by their full names.
+    """
+    new = copy_graph_module(gm, gm.graph, class_name=type(gm).__name__)
+    container = nn.ModuleDict(dict(getattr(gm, CONTAINER, {}) or {}))
+    found = {s.fqn: s for s in find_sites(new)}
+    missing = sorted(set(sites) - set(found))
+    if missing:
+        raise TraceError(f"no linear call site for {[f'{prefix}.{m}'.strip('.') for m in missing]} in the traced region {prefix!r}")
+    for local, adapters in sites.items():
+        container[site_key(local)] = adapters
+    new.add_submodule(CONTAINER, container)
+    for local in sites:
+        site, key = found[local], site_key(local)
+        with new.graph.inserting_before(site.node):
+            x, w, b = _operands(new, site)
+            low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+            y = new.graph.call_function(lora_linear, (x, w, b, low))
+        y.meta.update(site.node.meta)
+        site.node.replace_all_uses_with(y)
+        new.graph.erase_node(site.node)
+    new.graph.lint()
+    new.recompile()
+    return PassResult(new, bool(sites))

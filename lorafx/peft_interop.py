@@ -1,0 +1,162 @@
+"""Plain-LoRA checkpoints to and from Hugging Face PEFT.
+
+A PEFT LoRA directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<site FQN>.lora_A.weight`` ``[r, d_in]`` and ``...lora_B.weight`` ``[d_out, r]``:
+the same tensors as lorafx's ``lora_A``/``lora_B``. Rank and alpha patterns are resolved per site with
+PEFT's own rule (the first key with ``re.match(rf"(.*\\.)?({key})$", fqn)``) and written into the spec
+as exact per-site overrides, so both libraries build the same scales. Features lorafx's plain LoRA
+does not have (DoRA, trained biases, ``modules_to_save``, layer selection) are refused by name rather
+than dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafx.adapter_files import load_prepared, read_safetensors
+from lorafx.apply import commit, info, iter_sites, prepare, select_sites
+from lorafx.errors import AdapterFileError, SpecError
+from lorafx.spec import Spec
+from lorafx.variants.lora import LoRA
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# Config fields that change the math; each must hold its neutral value for a plain-LoRA import.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}),
+    "lora_bias": (False, None),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None,),
+}
+
+
+def _peft_pattern(patterns: dict, fqn: str):
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", fqn):
+            return patterns[key]
+    return None
+
+
+def read_peft_config(directory: Path) -> dict:
+    path = directory / PEFT_CONFIG
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file (a PEFT adapter directory holds {PEFT_CONFIG})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA; only plain LoRA converts")
+    for key, neutral in _UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in neutral:
+            raise AdapterFileError(f"{path}: {key}={cfg[key]!r} is not supported by lorafx's plain LoRA import")
+    return cfg
+
+
+def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
+    """The lorafx spec that builds what PEFT would build from ``cfg`` on ``model``."""
+    targets = cfg.get("target_modules")
+    if targets is None:
+        raise SpecError(f"{PEFT_CONFIG}: target_modules is null (PEFT's per-architecture defaults are not imported)")
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    exclude = cfg.get("exclude_modules") or ()
+    exclude = exclude if isinstance(exclude, str) else tuple(exclude)
+    base = LoRA(
+        r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False))
+    )
+    plain = Spec(base, targets=targets, exclude=exclude)
+    overrides = {}
+    for fqn in select_sites(model, plain):
+        r = _peft_pattern(cfg.get("rank_pattern") or {}, fqn) or base.r
+        alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, fqn) or base.alpha
+        if (r, alpha) != (base.r, base.alpha):
+            overrides[re.escape(fqn)] = {"r": int(r), "alpha": float(alpha)}
+    return Spec(base, targets=targets, exclude=exclude, overrides=overrides)
+
+
+def from_peft(model: nn.Module, directory: str | Path, name: str = "default", activate: bool = True) -> nn.Module:
+    """Apply a PEFT LoRA checkpoint directory to ``model`` (strictly) and return the model.
+
+    Example:
+        >>> model = lorafx.from_peft(AutoModelForCausalLM.from_config(cfg), "peft-run/checkpoint-100")
+    """
+    directory = Path(directory)
+    cfg = read_peft_config(directory)
+    spec = spec_from_peft_config(model, cfg)
+    weights = directory / PEFT_WEIGHTS
+    if weights.is_file():
+        raw = read_safetensors(weights)
+    elif (directory / "adapter_model.bin").is_file():
+        raw = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise AdapterFileError(f"{weights}: no such file (nor adapter_model.bin)")
+    tensors = {}
+    for key, t in raw.items():
+        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
+        tensors[f"{m.group(1)}.{m.group(2)}" if m else key] = t
+    prep = prepare(model, spec, name)
+    load_prepared(prep, tensors, str(weights))
+    return commit(prep, activate)
+
+
+def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
+    """Write adapter ``name`` (default: active) as a PEFT LoRA directory ``PeftModel.from_pretrained`` loads.
+
+    Only sites whose adapter is plain LoRA convert; any other variant is a :class:`SpecError` naming it.
+    """
+    from safetensors.torch import save_file
+
+    data = info(model)
+    name = name or data.active
+    if name not in data.specs:
+        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
+    sites = {sa.site: sa for sa in iter_sites(model).values() if name in sa.adapters}
+    bad = sorted(f for f, sa in sites.items() if type(sa.adapters[name].config) is not LoRA)
+    if bad:
+        raise SpecError(f"to_peft converts plain LoRA only; adapter {name!r} has other variants at {bad[:5]}")
+    configs = {f: sa.adapters[name].config for f, sa in sites.items()}
+    base = data.specs[name].config
+    if not isinstance(base, LoRA):
+        base = next(iter(configs.values()))
+    for f, c in configs.items():
+        if (c.rslora, c.dropout) != (base.rslora, base.dropout):
+            raise SpecError(f"to_peft: site {f!r} has rslora/dropout different from the rest; PEFT has one value per adapter")
+    tensors = {}
+    for f, sa in sites.items():
+        a = sa.adapters[name]
+        tensors[f"{_PREFIX}{f}.lora_A.weight"] = a.lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{f}.lora_B.weight"] = a.lora_B.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": base.r,
+        "lora_alpha": base.alpha,
+        "lora_dropout": base.dropout,
+        "use_rslora": base.rslora,
+        "target_modules": sorted(sites),
+        "rank_pattern": {f: c.r for f, c in configs.items() if c.r != base.r},
+        "alpha_pattern": {f: c.alpha for f, c in configs.items() if c.alpha != base.alpha},
+        "fan_in_fan_out": any(sa.fan_in_fan_out for sa in sites.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    return directory

@@ -1,0 +1,127 @@
+"""Front-end for ``apply``: choose and trace the regions of a model that hold matching sites.
+
+A user's model must stay the user's model (a transformers model keeps ``generate``, ``config``,
+``save_pretrained``, gradient checkpointing and its Python control flow), so the rewrite works on
+regions: the largest submodule that traces *safely* and holds matching sites, down to the single
+linear. Measured on transformers 5.23: ``LlamaMLP``, ``GPT2MLP`` and BERT's ``BertSelfOutput`` /
+``BertIntermediate`` / ``BertOutput`` trace; every attention block and decoder layer fails, so their
+projections become single-linear regions.
+
+"Safely" is stricter than "symbolic_trace does not raise", because tracing bakes Python decisions
+into the graph: a region's ``forward`` must take only required positional arguments (an optional
+argument tested with ``is None`` would be baked to one branch) and must trace to the same code in
+train and eval mode (``F.dropout(..., training=self.training)`` would be baked otherwise).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+import torch.nn.functional as F
+
+from lorafx.passes.find_sites import find_sites, is_linear_module
+from lorafx.passes.insert_adapters import CONTAINER
+
+
+@dataclass
+class Region:
+    """A traced region: ``fqn`` in the model, its graph module, and the site FQNs inside it."""
+
+    fqn: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+    sites: list[str] = field(default_factory=list)
+    rewritten: bool = False  # already a lorafx region (a later adapter is being added)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps lorafx regions and transformers' Conv1D opaque, like torch.nn leaf modules."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_region(m) or is_linear_module(m) or super().is_leaf_module(m, qualname)
+
+
+def is_region(module: nn.Module) -> bool:
+    """True for a module lorafx has rewritten (it holds a ``lorafx`` container of sites)."""
+    return isinstance(module, fx.GraphModule) and isinstance(getattr(module, CONTAINER, None), nn.ModuleDict)
+
+
+def _simple_signature(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _trace(module: nn.Module) -> fx.GraphModule | None:
+    """Trace ``module`` if it traces to the same graph in train and eval mode, else None."""
+    if not _simple_signature(module):
+        return None
+    was_training = module.training
+    codes, graphs = [], []
+    try:
+        for mode in (True, False):
+            module.train(mode)
+            graph = _Tracer().trace(module)
+            graphs.append(graph)
+            codes.append(graph.python_code("self").src)
+    except Exception:  # any failure to trace means "not a region"; its children are tried instead
+        return None
+    finally:
+        module.train(was_training)
+    if codes[0] != codes[1]:
+        return None
+    gm = fx.GraphModule(module, graphs[0], class_name=type(module).__name__)
+    gm.train(was_training)
+    return gm
+
+
+def _leaf_graph(module: nn.Module) -> fx.GraphModule:
+    """A single linear as its own region: ``F.linear(x, W, b)`` (``Wᵀ`` for Conv1D's [d_in, d_out])."""
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    w = graph.get_attr("weight")
+    if not isinstance(module, nn.Linear):
+        w = graph.call_method("t", (w,))
+    b = graph.get_attr("bias") if getattr(module, "bias", None) is not None else None
+    graph.output(graph.call_function(F.linear, (x, w, b)))
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def _contains(prefix: str, fqn: str) -> bool:
+    return prefix == "" or fqn == prefix or fqn.startswith(prefix + ".")
+
+
+def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
+    """Regions covering ``sites`` (FQNs of linear modules): existing lorafx regions first, else the
+    largest safely traceable module, else recurse into children."""
+    regions: list[Region] = []
+
+    def local(prefix: str, fqn: str) -> str:
+        return fqn[len(prefix) + 1 :] if prefix else fqn
+
+    def visit(prefix: str, module: nn.Module, pending: list[str]) -> None:
+        if not pending:
+            return
+        if is_region(module):
+            regions.append(Region(prefix, module, module, [local(prefix, s) for s in pending], True))
+            return
+        wanted = [local(prefix, s) if s != prefix else "" for s in pending]
+        if is_linear_module(module) and not is_region(module):
+            if prefix in pending:
+                regions.append(Region(prefix, module, _leaf_graph(module), [""]))
+            return
+        gm = _trace(module)
+        if gm is not None and set(wanted) <= {s.fqn for s in find_sites(gm)}:
+            regions.append(Region(prefix, module, gm, wanted))
+            return
+        for name, child in module.named_children():
+            child_fqn = f"{prefix}.{name}" if prefix else name
+            visit(child_fqn, child, [s for s in pending if _contains(child_fqn, s)])
+
+    visit("", model, list(sites))
+    return regions

@@ -1,0 +1,97 @@
+"""Plain LoRA (Hu et al. 2021): ``ΔW = s·BA``, ``s = α/r`` (``α/√r`` with rsLoRA).
+
+Initialisation follows PEFT so that checkpoints and tests line up: ``A ~ kaiming_uniform(a=√5)`` on
+the ``[r, d_in]`` tensor (= ``U(−1/√d_in, 1/√d_in)``) and ``B = 0``, so the adapted model equals the
+base model at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from lorafx.adapter import Adapter, Lowered
+from lorafx.config import AdapterConfig, register_variant
+
+
+def check_rank_alpha_dropout(cfg) -> None:
+    """Shared field checks for the LoRA family; raise ``ValueError`` naming the field."""
+    if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
+        raise ValueError(f"{cfg.name}: r must be a positive int, got {cfg.r!r}")
+    if not isinstance(cfg.alpha, (int, float)) or cfg.alpha <= 0:
+        raise ValueError(f"{cfg.name}: alpha must be a positive number, got {cfg.alpha!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{cfg.name}: dropout must be in [0, 1), got {cfg.dropout!r}")
+
+
+@register_variant
+@dataclass(frozen=True)
+class LoRA(AdapterConfig):
+    """Plain LoRA.
+
+    Args:
+        r: rank of the update.
+        alpha: scale numerator; ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``).
+        dropout: input dropout on the adapter path only (PEFT's ``lora_dropout``).
+        rslora: rank-stabilised scaling ``alpha / sqrt(r)``, steadier at large r (Kalajdzievski 2023).
+        init: ``"default"`` (PEFT: kaiming A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B), or
+            ``"random"`` (both non-zero; for tests and for loading weights over).
+
+    Example:
+        >>> import lorafx
+        >>> spec = lorafx.Spec(lorafx.LoRA(r=8, alpha=16), targets=["q_proj", "v_proj"])
+    """
+
+    name: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["default", "gaussian", "random"] = "default"
+
+    def __post_init__(self):
+        check_rank_alpha_dropout(self)
+        if self.init not in ("default", "gaussian", "random"):
+            raise ValueError(f"lora: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    def make_adapter(self, in_features: int, out_features: int, site: str) -> LoRAAdapter:
+        return LoRAAdapter(self, in_features, out_features, site)
+
+
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: str) -> None:
+    """Initialise ``A [r, d_in]`` and ``B [d_out, r]`` in place, as PEFT does for each ``init``."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+
+class LoRAAdapter(Adapter):
+    """``lora_A [r, d_in]``, ``lora_B [d_out, r]``; lowers to (A, B, s) with no gate."""
+
+    def __init__(self, config: LoRA, in_features: int, out_features: int, site: str):
+        super().__init__(config, in_features, out_features, site)
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.empty(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+        init_lora_pair(self.lora_A, self.lora_B, config.init)
+
+    def lower(self, x: torch.Tensor) -> Lowered:
+        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale)
+
+    def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scale
