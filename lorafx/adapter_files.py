@@ -93,7 +93,9 @@ def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tenso
     if not isinstance(meta, dict) or meta.get("format") != "lorafx.adapter":
         raise AdapterFileError(f"{cfg_path}: not a lorafx adapter file (no 'format': 'lorafx.adapter')")
     if meta.get("format_version") != FILE_FORMAT_VERSION:
-        raise AdapterFileError(f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported (this lorafx reads {FILE_FORMAT_VERSION})")
+        raise AdapterFileError(
+            f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported (this lorafx reads {FILE_FORMAT_VERSION})"
+        )
     return meta, read_safetensors(w_path)
 
 

@@ -81,7 +81,9 @@ class AdapterConfig:
         cls = variant_class(data.pop("variant"))
         version = data.pop("version", cls.version)
         if version != cls.version:
-            raise SpecError(f"variant {cls.name!r}: config version {version!r} is not supported (this lorafx reads {cls.version})")
+            raise SpecError(
+                f"variant {cls.name!r}: config version {version!r} is not supported (this lorafx reads {cls.version})"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

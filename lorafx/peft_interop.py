@@ -73,7 +73,10 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
     exclude = cfg.get("exclude_modules") or ()
     exclude = exclude if isinstance(exclude, str) else tuple(exclude)
     base = LoRA(
-        r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False))
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        rslora=bool(cfg.get("use_rslora", False)),
     )
     plain = Spec(base, targets=targets, exclude=exclude)
     overrides = {}
@@ -131,7 +134,9 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         base = next(iter(configs.values()))
     for f, c in configs.items():
         if (c.rslora, c.dropout) != (base.rslora, base.dropout):
-            raise SpecError(f"to_peft: site {f!r} has rslora/dropout different from the rest; PEFT has one value per adapter")
+            raise SpecError(
+                f"to_peft: site {f!r} has rslora/dropout different from the rest; PEFT has one value per adapter"
+            )
     tensors = {}
     for f, sa in sites.items():
         a = sa.adapters[name]

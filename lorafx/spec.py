@@ -66,7 +66,9 @@ class Spec:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
             value = getattr(self, name)
-            if not isinstance(value, (str, tuple)) or (isinstance(value, tuple) and not all(isinstance(v, str) for v in value)):
+            if not isinstance(value, (str, tuple)) or (
+                isinstance(value, tuple) and not all(isinstance(v, str) for v in value)
+            ):
                 raise SpecError(f"Spec.{name} must be a list of names, a regex string or 'all-linear', got {value!r}")
             if isinstance(value, str) and value != ALL_LINEAR:
                 try:
@@ -89,7 +91,9 @@ class Spec:
                 except ValueError as e:
                     raise SpecError(f"Spec.overrides[{pattern!r}]: {e}") from None
             else:
-                raise SpecError(f"Spec.overrides[{pattern!r}] must be a dict of fields or an adapter config, got {value!r}")
+                raise SpecError(
+                    f"Spec.overrides[{pattern!r}] must be a dict of fields or an adapter config, got {value!r}"
+                )
         object.__setattr__(self, "_resolved", resolved)
 
     # -- matching ---------------------------------------------------------------------------------
@@ -149,15 +153,19 @@ class Spec:
             raise SpecError(f"a spec must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version", SPEC_FORMAT_VERSION)
         if version != SPEC_FORMAT_VERSION:
-            raise SpecError(f"spec format_version {version!r} is not supported (this lorafx reads {SPEC_FORMAT_VERSION})")
+            raise SpecError(
+                f"spec format_version {version!r} is not supported (this lorafx reads {SPEC_FORMAT_VERSION})"
+            )
         unknown = sorted(set(data) - {"format", "format_version", "config", "targets", "exclude", "overrides"})
         if unknown:
             raise SpecError(f"spec has unknown key(s) {unknown}")
         if "config" not in data:
-            raise SpecError("spec has no 'config' key (e.g. {\"config\": {\"variant\": \"lora\", \"r\": 8}})")
+            raise SpecError('spec has no \'config\' key (e.g. {"config": {"variant": "lora", "r": 8}})')
         overrides = {}
         for pattern, value in dict(data.get("overrides", {})).items():
-            overrides[pattern] = AdapterConfig.from_dict(value) if isinstance(value, Mapping) and "variant" in value else value
+            overrides[pattern] = (
+                AdapterConfig.from_dict(value) if isinstance(value, Mapping) and "variant" in value else value
+            )
         return Spec(
             config=AdapterConfig.from_dict(data["config"]),
             targets=data.get("targets", ALL_LINEAR),

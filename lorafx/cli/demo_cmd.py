@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, default=60, help="training steps per variant (default 60)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="comma-separated subset, e.g. lora,mor")
+    p.add_argument(
+        "--variants", type=lambda s: s.split(","), default=None, help="comma-separated subset, e.g. lora,mor"
+    )
     p.set_defaults(func=run)
 
 

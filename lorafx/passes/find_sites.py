@@ -104,12 +104,12 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> list[LinearSite]:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, nn.Linear):
-                sites.append(LinearSite(node, _join(prefix, node.target), "call_module", mod.in_features, mod.out_features))
+                sites.append(
+                    LinearSite(node, _join(prefix, node.target), "call_module", mod.in_features, mod.out_features)
+                )
             elif _is_conv1d(mod):
                 d_in, d_out = mod.weight.shape
-                sites.append(
-                    LinearSite(node, _join(prefix, node.target), "call_module", d_in, d_out, True, "Conv1D")
-                )
+                sites.append(LinearSite(node, _join(prefix, node.target), "call_module", d_in, d_out, True, "Conv1D"))
         elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
             site = _function_site(gm, node, prefix, "call_function")
             if site is not None:

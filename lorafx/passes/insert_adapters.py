@@ -66,7 +66,9 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
     found = {s.fqn: s for s in find_sites(new)}
     missing = sorted(set(sites) - set(found))
     if missing:
-        raise TraceError(f"no linear call site for {[f'{prefix}.{m}'.strip('.') for m in missing]} in the traced region {prefix!r}")
+        raise TraceError(
+            f"no linear call site for {[f'{prefix}.{m}'.strip('.') for m in missing]} in the traced region {prefix!r}"
+        )
     for local, adapters in sites.items():
         container[site_key(local)] = adapters
     new.add_submodule(CONTAINER, container)

@@ -1,0 +1,116 @@
+"""Unmerged-adapter overhead: base model vs lorafx vs PEFT, side by side in one process.
+
+Llama of hidden 1024, 4 layers, intermediate 2816 (vocab 32000), batch 2 x 256 tokens, LoRA r = 16
+on all linears (not the head). Reports the median forward (no grad) time of each contender and its
+ratio to the base model, and the median train step (forward + backward + Adam on the adapters) of
+lorafx relative to PEFT. The added FLOPs of the adapters are ~2% of the base model's.
+
+    .venv/bin/python benchmarks/overhead.py [--quick] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved_medians, write_results  # noqa: E402
+
+import lorafx  # noqa: E402
+from lorafx.models import bench_llama, tiny_llama  # noqa: E402
+
+
+def build(quick: bool):
+    base = tiny_llama(0, hidden=256, layers=2, intermediate=704, vocab=4096) if quick else bench_llama(0)
+    r = 16
+    fx_model = lorafx.apply(
+        copy.deepcopy(base), lorafx.Spec(lorafx.LoRA(r=r, alpha=32, init="random"), targets="all-linear")
+    )
+    import peft
+
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear")
+    )
+    return base, fx_model, peft_model
+
+
+def added_flop_ratio(model) -> float:
+    base = sum(sa.in_features * sa.out_features for sa in lorafx.iter_sites(model).values())
+    head = model.lm_head.weight.numel()
+    adapters = sum(
+        sa.adapters["default"].config.r * (sa.in_features + sa.out_features) for sa in lorafx.iter_sites(model).values()
+    )
+    return adapters / (base + head)
+
+
+def train_step_fn(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        out = model(ids).logits
+        loss = out.float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model, few repeats (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    repeats = args.repeats or (3 if args.quick else 15)
+    torch.manual_seed(0)
+    base, fx_model, peft_model = build(args.quick)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 64 if args.quick else 256))
+    for m in (base, fx_model, peft_model):
+        m.eval()
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                m(ids)
+
+        return run
+
+    fwd_t = interleaved_medians({"base": fwd(base), "lorafx": fwd(fx_model), "peft": fwd(peft_model)}, repeats)
+    for m in (fx_model, peft_model):
+        m.train()
+    train_t = interleaved_medians(
+        {"lorafx": train_step_fn(fx_model, ids), "peft": train_step_fn(peft_model, ids)}, max(3, repeats // 2)
+    )
+    flops = added_flop_ratio(fx_model)
+    data = {
+        "config": {"quick": args.quick, "batch": list(ids.shape), "r": 16, "repeats": repeats},
+        "forward_s": fwd_t,
+        "forward_ratio_to_base": {k: v / fwd_t["base"] for k, v in fwd_t.items()},
+        "train_step_s": train_t,
+        "train_ratio_lorafx_to_peft": train_t["lorafx"] / train_t["peft"],
+        "added_flops_ratio": flops,
+    }
+    md = [
+        f"Benchmark Llama (hidden {base.config.hidden_size}, {base.config.num_hidden_layers} layers, intermediate {base.config.intermediate_size}), batch {ids.shape[0]} x {ids.shape[1]}, LoRA r = 16 on all linears; adapters add {flops * 100:.1f}% FLOPs. Medians of {repeats} interleaved runs, {torch.get_num_threads()} CPU threads.",
+        "",
+        "| | base | lorafx | PEFT |",
+        "|---|---:|---:|---:|",
+        f"| forward, no grad (ms) | {fwd_t['base'] * 1e3:.1f} | {fwd_t['lorafx'] * 1e3:.1f} | {fwd_t['peft'] * 1e3:.1f} |",
+        f"| forward / base | 1.000x | {fwd_t['lorafx'] / fwd_t['base']:.3f}x | {fwd_t['peft'] / fwd_t['base']:.3f}x |",
+        f"| train step (ms) | – | {train_t['lorafx'] * 1e3:.1f} | {train_t['peft'] * 1e3:.1f} |",
+        f"| train step / PEFT | – | {train_t['lorafx'] / train_t['peft']:.3f}x | 1.000x |",
+        "",
+    ]
+    path = write_results("overhead" + ("_quick" if args.quick else ""), data, "\n".join(md))
+    print("\n".join(md))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Small shared helpers for the test suite (model factories and state snapshots)."""
+
+import copy
+
+import torch
+from torch import nn
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """GPT-2 layout: fused c_attn, transformers Conv1D weights stored [d_in, d_out]."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_opt(seed: int = 0) -> nn.Module:
+    """OPT layout: nn.Linear q/k/v/out_proj, fc1/fc2, biases everywhere."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        vocab_size=128,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything that must be bit-identical after a failed operation."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a["types"] == b["types"]
+    assert a["grad"] == b["grad"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
