@@ -1,0 +1,124 @@
+"""``lorafx inspect MODEL.onnx``: what an exported graph expects, generically.
+
+Lists graph inputs and outputs (name, dtype, shape), marks the inputs and initializers that carry an
+adapter (their name mentions lora/lorafx/adapter, or the manifest names them), counts initializers
+and ops, and shows the JSON manifest written beside the model (``<stem>*.json``, else any ``*.json``
+in the same folder). Nothing here depends on how the exporter names things beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lorafx.cli.sources import SourceError
+
+_ADAPTER_NAME = re.compile(r"lora|lorafx|adapter", re.IGNORECASE)
+
+
+def _dims(type_proto) -> list:
+    shape = type_proto.tensor_type.shape
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in shape.dim]
+
+
+def find_manifest(path: Path) -> Path | None:
+    """The JSON manifest beside ``path``: ``<stem>*.json`` first, else the only ``*.json`` there."""
+    same_stem = sorted(path.parent.glob(f"{path.stem}*.json"))
+    if same_stem:
+        return same_stem[0]
+    others = sorted(path.parent.glob("*.json"))
+    return others[0] if len(others) == 1 else None
+
+
+def onnx_summary(path: Path) -> dict[str, Any]:
+    """JSON-ready description of the ONNX model at ``path`` (weights stored outside are not read)."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        raise SourceError(f"{path}: inspecting ONNX needs onnx (pip install 'lorafx[onnx]')") from None
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError / ValueError / OSError depending on the damage
+        raise SourceError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    manifest_path = find_manifest(path)
+    manifest, manifest_text = None, ""
+    if manifest_path is not None:
+        manifest_text = manifest_path.read_text()
+        try:
+            manifest = json.loads(manifest_text)
+        except json.JSONDecodeError as e:
+            manifest = {"error": f"not valid JSON: {e}"}
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+
+    def is_adapter(name: str) -> bool:
+        return bool(_ADAPTER_NAME.search(name)) or (bool(manifest_text) and f'"{name}"' in manifest_text)
+
+    def tensor(vi) -> dict[str, Any]:
+        dtype = helper.tensor_dtype_to_string(vi.type.tensor_type.elem_type).replace("TensorProto.", "")
+        return {"name": vi.name, "dtype": dtype, "shape": _dims(vi.type), "adapter": is_adapter(vi.name)}
+
+    inputs = [tensor(vi) for vi in g.input if vi.name not in inits]
+    init_bytes = 0
+    adapter_inits = []
+    for t in g.initializer:
+        size = 1
+        for d in t.dims:
+            size *= d
+        nbytes = size * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        init_bytes += nbytes
+        if is_adapter(t.name):
+            adapter_inits.append({"name": t.name, "shape": list(t.dims), "bytes": nbytes})
+    ops = Counter(n.op_type for n in g.node)
+    for f in model.functions:
+        ops.update(n.op_type for n in f.node)
+    return {
+        "onnx": str(path),
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": inputs,
+        "outputs": [tensor(vi) for vi in g.output],
+        "initializers": {"count": len(g.initializer), "bytes": init_bytes, "adapter": adapter_inits},
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "nodes": len(g.node),
+        "manifest": {"path": str(manifest_path), "content": manifest} if manifest_path else None,
+    }
+
+
+def print_onnx(summary: dict[str, Any], console) -> None:
+    """Rich rendering of :func:`onnx_summary`."""
+    from rich.json import JSON
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]{summary['onnx']}[/]  ir {summary['ir_version']}, opsets {summary['opsets']}, {summary['nodes']} nodes")
+    t = Table(title="graph inputs", title_justify="left")
+    for col in ("name", "dtype", "shape", "kind"):
+        t.add_column(col)
+    for i in summary["inputs"]:
+        t.add_row(escape(i["name"]), i["dtype"], escape(str(i["shape"])), "[bold orange3]adapter[/]" if i["adapter"] else "model")
+    console.print(t)
+    n_adapter = sum(i["adapter"] for i in summary["inputs"])
+    console.print(f"{len(summary['inputs'])} inputs, {n_adapter} adapter inputs; outputs: {', '.join(o['name'] for o in summary['outputs'])}")
+    init = summary["initializers"]
+    console.print(f"initializers: {init['count']} ({init['bytes']:,} bytes), {len(init['adapter'])} adapter initializers")
+    for a in init["adapter"][:20]:
+        console.print(f"  {a['name']} {a['shape']}", markup=False)
+    console.print("ops: " + ", ".join(f"{k} {v}" for k, v in summary["ops"].items()))
+    m = summary["manifest"]
+    if m is None:
+        console.print("manifest: none beside the model")
+    else:
+        console.print(f"manifest: {m['path']}", markup=False)
+        text = json.dumps(m["content"], indent=2)
+        lines = text.splitlines()
+        if len(lines) <= 80:
+            console.print(JSON(text))
+        else:
+            console.print("\n".join(lines[:80]) + f"\n... ({len(lines) - 80} more lines)", markup=False)
