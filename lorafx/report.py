@@ -124,7 +124,11 @@ class Report:
             "sites": [{**dataclasses.asdict(s), "matched": s.matched} for s in self.sites],
             "regions": [dataclasses.asdict(r) for r in self.regions],
             "shared": [dataclasses.asdict(s) for s in self.shared],
-            "base": {"params": self.base_params, "bytes": self.base_bytes, "flops_per_token": self.base_flops_per_token},
+            "base": {
+                "params": self.base_params,
+                "bytes": self.base_bytes,
+                "flops_per_token": self.base_flops_per_token,
+            },
             "totals": self.totals(),
         }
 
@@ -144,7 +148,9 @@ def _state_bytes(module: nn.Module) -> int:
 
 
 def _count_flops(adapter: Adapter, tokens: int, like: torch.Tensor) -> int:
-    x = torch.zeros(tokens, adapter.in_features, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
+    x = torch.zeros(
+        tokens, adapter.in_features, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device
+    )
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         low = adapter.lower(x)
         h = F.linear(low.x.to(low.A.dtype), low.A)
@@ -219,7 +225,14 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
     rows = []
     for fqn, module in linears.items():
         d_in, d_out, fan_in_fan_out = linear_shape(module)
-        row = SiteRow(fqn, "Conv1D" if fan_in_fan_out else "Linear", all_forms.get(fqn, "call_module"), d_in, d_out, where.get(fqn))
+        row = SiteRow(
+            fqn,
+            "Conv1D" if fan_in_fan_out else "Linear",
+            all_forms.get(fqn, "call_module"),
+            d_in,
+            d_out,
+            where.get(fqn),
+        )
         if fqn in selected:
             row.rule = selected[fqn]
             row.override = spec.config_for(fqn)[1]

@@ -40,8 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all), e.g. kernels")
-    p.add_argument("--quick", action="store_true", help="small sizes: checks the scripts work, numbers are not for the README")
-    p.add_argument("--dir", type=Path, default=None, help="benchmarks folder (default: ./benchmarks, else the one beside lorafx)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes: checks the scripts work, numbers are not for the README"
+    )
+    p.add_argument(
+        "--dir", type=Path, default=None, help="benchmarks folder (default: ./benchmarks, else the one beside lorafx)"
+    )
     p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
     p.add_argument("--summary-only", action="store_true", help="run nothing; rebuild SUMMARY.md from the results there")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per script before it is stopped (default 3600)")
@@ -50,7 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def bench_dir(given: Path | None) -> Path:
     """The benchmarks folder: ``--dir``, ``./benchmarks``, or the one beside the lorafx package."""
-    candidates = [given] if given is not None else [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    candidates = (
+        [given]
+        if given is not None
+        else [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    )
     for c in candidates:
         if c.is_dir():
             return c
@@ -79,7 +87,14 @@ def _run_one(folder: Path, script: Path, quick: bool, timeout: float, bar, task)
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(_command(folder, script, quick), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            _command(folder, script, quick),
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         watchdog = threading.Timer(timeout, proc.kill)
         watchdog.start()
         try:
@@ -125,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     unknown = [n for n in args.names if n not in available]
     if unknown:
-        raise BenchError(f"no benchmark script {', '.join(repr(n) for n in unknown)} in {folder}; available: {', '.join(available) or 'none'}")
+        raise BenchError(
+            f"no benchmark script {', '.join(repr(n) for n in unknown)} in {folder}; available: {', '.join(available) or 'none'}"
+        )
     chosen = {n: available[n] for n in (args.names or available)}
     if not chosen and not args.summary_only:
         raise BenchError(f"{folder} holds no benchmark scripts (*.py)")
@@ -156,10 +173,13 @@ def _run_all(folder: Path, chosen: dict[str, Path], args: argparse.Namespace) ->
             code, seconds, log = _run_one(folder, script, args.quick, args.timeout, bar, task)
             missing = [s for s in (".json", ".md") if not _fresh(folder / "results" / f"{name}{s}", started)]
             ok = code == 0 and not missing
-            bar.update(task, description=f"{name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s", total=1, completed=1)
+            bar.update(
+                task, description=f"{name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s", total=1, completed=1
+            )
             bar.advance(overall)
             if code != 0:
-                failed.append(f"{name} exited with {code} (log: {log})")
+                last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
+                failed.append(f"{name} exited with {code}{': ' + last[0].strip() if last else ''} (log: {log})")
             elif missing:
                 failed.append(f"{name} wrote no results/{name}{'/'.join(missing)} (log: {log})")
     return failed

@@ -12,7 +12,7 @@ import argparse
 from lorafx.errors import SpecError
 
 EXAMPLES = """examples:
-  lorafx demo --steps 30 --variants lora
+  lorafx demo --steps 10 --variants lora
   lorafx demo
 """
 
@@ -27,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, default=60, help="training steps per variant (default 60)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None, help="comma-separated subset, e.g. lora,mor")
+    p.add_argument(
+        "--variants",
+        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        default=None,
+        help="comma-separated subset, e.g. lora,mor",
+    )
     p.set_defaults(func=run)
 
 

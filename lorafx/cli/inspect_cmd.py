@@ -37,8 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
     out.add_argument("--matched-only", action="store_true", help="list only the sites the spec adapts")
-    out.add_argument("--graph", metavar="SITE|REGION", help="print the rewritten fx code of a region (or of the region holding SITE)")
-    out.add_argument("--svg", metavar="FILE", help="draw the rewritten region (--graph, default: the first) as SVG with Graphviz")
+    out.add_argument(
+        "--graph", metavar="SITE|REGION", help="print the rewritten fx code of a region (or of the region holding SITE)"
+    )
+    out.add_argument(
+        "--svg", metavar="FILE", help="draw the rewritten region (--graph, default: the first) as SVG with Graphviz"
+    )
     out.add_argument("--dot", metavar="FILE", help="write the Graphviz DOT text of that region (needs no renderer)")
     p.add_argument("--seed", type=int, default=0, help="seed for models built with random weights")
     p.set_defaults(func=run)
@@ -47,11 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if sources.is_onnx(args.model):
         return _run_onnx(args)
+    from lorafx.cli.ui import status
     from lorafx.report import build_report
 
-    model = sources.load_model(args.model, args.seed)
+    with status(f"loading {args.model}"):
+        model = sources.load_model(args.model, args.seed)
     spec = sources.spec_from_args(args, model)
-    report = build_report(model, spec)
+    with status("planning regions and building adapters"):
+        report = build_report(model, spec)
     if args.graph is not None or args.svg or args.dot:
         return _graph(report, args)
     if args.format == "json":
@@ -66,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
 def _run_onnx(args: argparse.Namespace) -> int:
     from lorafx.cli.onnx_info import onnx_summary, print_onnx
 
-    used = [f"--{k}" for k in ("spec", "peft", "variant", "r", "alpha", "dropout", "targets", "graph", "svg", "dot") if getattr(args, k)]
+    used = [
+        f"--{k}"
+        for k in ("spec", "peft", "variant", "r", "alpha", "dropout", "targets", "graph", "svg", "dot")
+        if getattr(args, k)
+    ]
     if used:
-        raise sources.SourceError(f"{args.model}: an .onnx file is inspected as exported; {', '.join(used)} do not apply")
+        raise sources.SourceError(
+            f"{args.model}: an .onnx file is inspected as exported; {', '.join(used)} do not apply"
+        )
     summary = onnx_summary(Path(args.model))
     if args.format == "json":
         print(json.dumps(summary, indent=2))
@@ -85,7 +98,9 @@ def _graph(report, args: argparse.Namespace) -> int:
         region, gm = report.find_graph(name)
     except KeyError:
         names = [r.fqn or "model" for r in report.regions]
-        raise LorafxError(f"--graph {name!r}: no rewritten region or matched site of that name; regions: {', '.join(names)}") from None
+        raise LorafxError(
+            f"--graph {name!r}: no rewritten region or matched site of that name; regions: {', '.join(names)}"
+        ) from None
     row = next(r for r in report.regions if r.fqn == region)
     title = f"region {region or 'model'} ({row.module_type}): {len(row.sites)} adapted site(s)"
     if args.svg or args.dot:
@@ -128,7 +143,10 @@ def print_report(report, con, source: str = "", matched_only: bool = False) -> N
     from rich.table import Table
 
     totals = report.totals()
-    table = Table(title=f"{source or report.model}: {totals['matched']} of {totals['sites']} linear sites adapted", title_justify="left")
+    table = Table(
+        title=f"{source or report.model}: {totals['matched']} of {totals['sites']} linear sites adapted",
+        title_justify="left",
+    )
     for col, justify in (("site", "left"), ("form", "left"), ("shape", "right"), ("matched by", "left"), ("variant", "left"), ("R", "right"),
                          ("params", "right"), ("FLOPs/token", "right"), ("bytes", "right"), ("merge", "center"), ("fuse", "center"), ("region", "left")):  # fmt: skip
         table.add_column(col, justify=justify, no_wrap=col in ("site", "region"))
@@ -139,12 +157,14 @@ def print_report(report, con, source: str = "", matched_only: bool = False) -> N
         if not s.matched:
             table.add_row(escape(s.fqn), s.form, shape, "–", style="dim")
             continue
-        rule = s.rule + (f", override {s.override!r}" if s.override else "")
+        rule = s.rule + (f", override {s.override}" if s.override else "")
         region = "(own region)" if s.region == s.fqn else (s.region or "(whole model)")
         table.add_row(escape(s.fqn), s.form, shape, escape(rule), s.variant, str(s.rank), f"{s.params:,}", f"{s.flops_per_token:,}", _bytes(s.bytes),
                       _yes(s.mergeable), _yes(s.fusable), escape(region))  # fmt: skip
     for sh in report.shared:
-        table.add_row(f"lorafx_shared.{sh.key}", "shared", "", "", "", "", f"{sh.params:,}", "", _bytes(sh.bytes), style="italic")
+        table.add_row(
+            f"lorafx_shared.{sh.key}", "shared", "", "", "", "", f"{sh.params:,}", "", _bytes(sh.bytes), style="italic"
+        )
     table.add_section()
     table.add_row("total", "", "", f"{totals['matched']} sites", "", "", f"{totals['trainable_params']:,}", f"{totals['flops_per_token']:,}",
                   _bytes(totals["bytes"]), _yes(totals["mergeable"]), "", f"{totals['regions']} regions", style="bold")  # fmt: skip
@@ -152,13 +172,25 @@ def print_report(report, con, source: str = "", matched_only: bool = False) -> N
     kinds = {}
     for r in report.regions:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    con.print(f"spec: {escape(json.dumps(report.spec.to_dict()['config']))} targets={escape(repr(report.spec.targets))}")
+    con.print(
+        f"spec: {escape(json.dumps(report.spec.to_dict()['config']))} targets={escape(repr(report.spec.targets))}"
+    )
     con.print(f"regions: {totals['regions']} ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
-    con.print(f"trainable parameters: {totals['trainable_params']:,} = {totals['params_ratio']:.3%} of the base model's {report.base_params:,}")
-    con.print(f"added FLOPs per token: {totals['flops_per_token']:,} = {totals['flops_ratio']:.3%} of the base linears' {report.base_flops_per_token:,} (attention scores excluded)")
-    con.print(f"adapter bytes: {_bytes(totals['bytes'])} = {totals['bytes_ratio']:.3%} of the base weights ({_bytes(report.base_bytes)})")
+    con.print(
+        f"trainable parameters: {totals['trainable_params']:,} = {totals['params_ratio']:.3%} of the base model's {report.base_params:,}"
+    )
+    con.print(
+        f"added FLOPs per token: {totals['flops_per_token']:,} = {totals['flops_ratio']:.3%} of the base linears' {report.base_flops_per_token:,} (attention scores excluded)"
+    )
+    con.print(
+        f"adapter bytes: {_bytes(totals['bytes'])} = {totals['bytes_ratio']:.3%} of the base weights ({_bytes(report.base_bytes)})"
+    )
     if not totals["mergeable"]:
         bad = sorted({s.variant for s in report.matched if not s.mergeable})
-        con.print(f"[red]not mergeable[/]: {', '.join(bad)} (input-dependent gate); merged export is refused for these sites")
+        con.print(
+            f"[red]not mergeable[/]: {', '.join(bad)} (input-dependent gate); merged export is refused for these sites"
+        )
     first = report.regions[0].fqn if report.regions else ""
-    con.print(f"[dim]add --graph {escape(first or 'model')} to print a rewritten region's code, --svg FILE to draw it[/]")
+    con.print(
+        f"[dim]add --graph {escape(first or 'model')} to print a rewritten region's code, --svg FILE to draw it[/]"
+    )

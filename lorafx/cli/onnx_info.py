@@ -45,7 +45,9 @@ def onnx_summary(path: Path) -> dict[str, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError / ValueError / OSError depending on the damage
-        raise SourceError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SourceError(
+            f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     manifest_path = find_manifest(path)
     manifest, manifest_text = None, ""
     if manifest_path is not None:
@@ -97,17 +99,28 @@ def print_onnx(summary: dict[str, Any], console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console.print(f"[bold]{summary['onnx']}[/]  ir {summary['ir_version']}, opsets {summary['opsets']}, {summary['nodes']} nodes")
+    console.print(
+        f"[bold]{summary['onnx']}[/]  ir {summary['ir_version']}, opsets {summary['opsets']}, {summary['nodes']} nodes"
+    )
     t = Table(title="graph inputs", title_justify="left")
     for col in ("name", "dtype", "shape", "kind"):
         t.add_column(col)
     for i in summary["inputs"]:
-        t.add_row(escape(i["name"]), i["dtype"], escape(str(i["shape"])), "[bold orange3]adapter[/]" if i["adapter"] else "model")
+        t.add_row(
+            escape(i["name"]),
+            i["dtype"],
+            escape(str(i["shape"])),
+            "[bold orange3]adapter[/]" if i["adapter"] else "model",
+        )
     console.print(t)
     n_adapter = sum(i["adapter"] for i in summary["inputs"])
-    console.print(f"{len(summary['inputs'])} inputs, {n_adapter} adapter inputs; outputs: {', '.join(o['name'] for o in summary['outputs'])}")
+    console.print(
+        f"{len(summary['inputs'])} inputs, {n_adapter} adapter inputs; outputs: {', '.join(o['name'] for o in summary['outputs'])}"
+    )
     init = summary["initializers"]
-    console.print(f"initializers: {init['count']} ({init['bytes']:,} bytes), {len(init['adapter'])} adapter initializers")
+    console.print(
+        f"initializers: {init['count']} ({init['bytes']:,} bytes), {len(init['adapter'])} adapter initializers"
+    )
     for a in init["adapter"][:20]:
         console.print(f"  {a['name']} {a['shape']}", markup=False)
     console.print("ops: " + ", ".join(f"{k} {v}" for k, v in summary["ops"].items()))

@@ -89,7 +89,7 @@ def region_dot(gm: fx.GraphModule, title: str) -> str:
         "digraph lorafx {",
         f"  graph [rankdir=TB, label={_q(title)}, labelloc=t, fontname=Helvetica, fontsize=12];",
         '  node [fontname=Helvetica, fontsize=10, style="rounded,filled", fillcolor="#eeeeee", shape=box];',
-        "  edge [color=\"#666666\"];",
+        '  edge [color="#666666"];',
     ]
     for node in gm.graph.nodes:
         if node in in_group:
@@ -98,9 +98,13 @@ def region_dot(gm: fx.GraphModule, title: str) -> str:
         lines.append(f"  {_q(node.name)} [label={_q(_label(gm, node))}, shape={shape}];")
     for key, nodes in groups.items():
         lines.append(f"  subgraph {_q('cluster_' + key)} {{")
-        lines.append(f'    label={_q("adapter: " + key)}; style="rounded,filled"; fillcolor="{ADAPTER_CLUSTER}"; color="{ADAPTER_FILL}";')
+        lines.append(
+            f'    label={_q("adapter: " + key)}; style="rounded,filled"; fillcolor="{ADAPTER_CLUSTER}"; color="{ADAPTER_FILL}";'
+        )
         for node in nodes:
-            lines.append(f'    {_q(node.name)} [label={_q(_label(gm, node))}, fillcolor="{ADAPTER_FILL}", class="lorafx_adapter"];')
+            lines.append(
+                f'    {_q(node.name)} [label={_q(_label(gm, node))}, fillcolor="{ADAPTER_FILL}", class="lorafx_adapter"];'
+            )
         lines.append("  }")
     for node in gm.graph.nodes:
         for src in node.all_input_nodes:

@@ -20,13 +20,17 @@ import argparse
 import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 from lorafx.errors import LorafxError, SpecError
 
 DEMO = "demo:"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class SourceError(LorafxError, ValueError):
@@ -64,11 +68,23 @@ def load_model(source: str, seed: int = 0):
     return model.eval()
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading bars or deprecation notices from transformers on the CLI's output."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _builtin(name: str):
     from lorafx.models import BUILTIN
 
     if name not in BUILTIN:
         raise SourceError(f"unknown built-in model {DEMO}{name}; built-ins: {', '.join(DEMO + n for n in BUILTIN)}")
+    if name != "mlp":
+        _quiet_transformers()
     try:
         return BUILTIN[name]()
     except (RuntimeError, ImportError) as e:
@@ -82,7 +98,10 @@ def _transformers_dir(path: Path, seed: int):
         import torch
         import transformers
     except ImportError:
-        raise SourceError(f"{path}: loading a transformers directory needs transformers (pip install 'lorafx[hf]')") from None
+        raise SourceError(
+            f"{path}: loading a transformers directory needs transformers (pip install 'lorafx[hf]')"
+        ) from None
+    _quiet_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
@@ -117,7 +136,9 @@ def _factory(source: str):
     fn = getattr(module, func, None)
     if not callable(fn):
         public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-        raise SourceError(f"{source}: {target!r} has no function {func!r}; callables there: {', '.join(public[:12]) or 'none'}")
+        raise SourceError(
+            f"{source}: {target!r} has no function {func!r}; callables there: {', '.join(public[:12]) or 'none'}"
+        )
     try:
         return fn()
     except Exception as e:
@@ -129,14 +150,22 @@ def _factory(source: str):
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     """``--spec``, ``--peft`` and the inline spec flags, shared by the subcommands that adapt a model."""
-    g = parser.add_argument_group("spec (one of --spec, --peft, or the inline flags; default: --variant lora --targets all-linear)")
+    g = parser.add_argument_group(
+        "spec (one of --spec, --peft, or the inline flags; default: --variant lora --targets all-linear)"
+    )
     g.add_argument("--spec", metavar="FILE", help="spec file, JSON or YAML (lorafx.Spec.to_dict format)")
     g.add_argument("--peft", metavar="DIR", help="PEFT LoRA adapter directory (its adapter_config.json)")
     g.add_argument("--variant", help="variant name, e.g. lora (see lorafx.variant_names())")
     g.add_argument("--r", type=int, help="rank r")
     g.add_argument("--alpha", type=float, help="scale numerator alpha")
     g.add_argument("--dropout", type=float, help="adapter input dropout")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other config field (repeatable; VALUE is JSON or a string)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other config field (repeatable; VALUE is JSON or a string)",
+    )
     g.add_argument("--targets", help="comma-separated FQN suffixes, or all-linear (default)")
     g.add_argument("--targets-regex", metavar="REGEX", help="a regex that must match the whole site FQN")
     g.add_argument("--exclude", help="comma-separated FQN suffixes never adapted")
@@ -147,7 +176,9 @@ _INLINE = ("variant", "r", "alpha", "dropout", "targets", "targets_regex", "excl
 
 def spec_from_args(args: argparse.Namespace, model):
     """The :class:`lorafx.Spec` the arguments describe (``model`` is needed for ``--peft``)."""
-    inline = [f"--{k.replace('_', '-')}" for k in _INLINE if getattr(args, k) is not None] + (["--set"] if args.set else [])
+    inline = [f"--{k.replace('_', '-')}" for k in _INLINE if getattr(args, k) is not None] + (
+        ["--set"] if args.set else []
+    )
     chosen = [name for name, v in (("--spec", args.spec), ("--peft", args.peft)) if v is not None]
     if len(chosen) > 1 or (chosen and inline):
         raise SpecError(f"give one spec source: {' and '.join(chosen + inline)} cannot be combined")
@@ -207,7 +238,9 @@ def read_spec_file(path: Path):
         try:
             import yaml
         except ImportError:
-            raise SpecError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or write the spec as JSON") from None
+            raise SpecError(
+                f"{path}: reading YAML needs pyyaml (pip install pyyaml), or write the spec as JSON"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -223,9 +256,3 @@ def read_spec_file(path: Path):
         raise SpecError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise SpecError(f"{path}: {e}") from None
-
-
-def fail(message: str) -> int:
-    """Print one error line for a non-lorafx failure and return the exit code 2."""
-    print(message, file=sys.stderr)
-    return 2

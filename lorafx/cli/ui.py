@@ -40,6 +40,16 @@ class _NoProgress:
 
 
 @contextmanager
+def status(message: str):
+    """A spinner on stderr while ``message``'s work runs (nothing when stderr is not a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with console(stderr=True).status(message):
+        yield
+
+
+@contextmanager
 def progress():
     """A rich ``Progress`` (bar, count, elapsed) on stderr, or a no-op that prints task names."""
     try:
@@ -47,6 +57,12 @@ def progress():
     except ImportError:
         yield _NoProgress()
         return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console(stderr=True), transient=False) as bar:
         yield bar
