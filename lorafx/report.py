@@ -137,7 +137,7 @@ class Report:
         if key in self.graphs:
             return key, self.graphs[key]
         for site in self.matched:
-            if site.fqn == name or site.fqn.endswith("." + name):
+            if (site.fqn == name or site.fqn.endswith("." + name)) and site.region in self.graphs:
                 return site.region, self.graphs[site.region]
         raise KeyError(name)
 

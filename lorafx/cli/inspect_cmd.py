@@ -70,14 +70,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Arguments that describe an adaptation; an exported .onnx file has its adapters already.
+_NOT_FOR_ONNX = (
+    "spec",
+    "peft",
+    "variant",
+    "r",
+    "alpha",
+    "dropout",
+    "set",
+    "targets",
+    "targets_regex",
+    "exclude",
+    "graph",
+    "svg",
+    "dot",
+)
+
+
 def _run_onnx(args: argparse.Namespace) -> int:
     from lorafx.cli.onnx_info import onnx_summary, print_onnx
 
-    used = [
-        f"--{k}"
-        for k in ("spec", "peft", "variant", "r", "alpha", "dropout", "targets", "graph", "svg", "dot")
-        if getattr(args, k)
-    ]
+    used = [f"--{k.replace('_', '-')}" for k in _NOT_FOR_ONNX if getattr(args, k)]
     if used:
         raise sources.SourceError(
             f"{args.model}: an .onnx file is inspected as exported; {', '.join(used)} do not apply"
