@@ -222,13 +222,13 @@ def test_onnx_file_lists_adapter_inputs_and_manifest(tmp_path, capsys):
 
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-        helper.make_tensor_value_info("fc.lora_A", TensorProto.FLOAT, [2, 4]),
+        helper.make_tensor_value_info("fc.A", TensorProto.FLOAT, [2, 4]),
         helper.make_tensor_value_info("fc.lora_B", TensorProto.FLOAT, [3, 2]),
     ]
     w = numpy_helper.from_array(torch.ones(3, 4).numpy(), "fc.weight")
     nodes = [
         helper.make_node("Gemm", ["x", "fc.weight"], ["base"], transB=1),
-        helper.make_node("Gemm", ["x", "fc.lora_A"], ["h"], transB=1),
+        helper.make_node("Gemm", ["x", "fc.A"], ["h"], transB=1),
         helper.make_node("Gemm", ["h", "fc.lora_B"], ["delta"], transB=1),
         helper.make_node("Add", ["base", "delta"], ["y"]),
     ]
@@ -236,15 +236,17 @@ def test_onnx_file_lists_adapter_inputs_and_manifest(tmp_path, capsys):
         nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w]
     )
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
-    (tmp_path / "m.json").write_text(json.dumps({"adapters": {"default": ["fc.lora_A", "fc.lora_B"]}}))
+    # the exporter's layout: a manifest that lists the model inputs and, per site, the adapter tensors
+    manifest = {"inputs": [{"name": "x"}], "sites": [{"site": "fc", "tensors": {"fc.A": {}, "fc.lora_B": {}}}]}
+    (tmp_path / "lorafx_export.json").write_text(json.dumps(manifest))
     code, out, err = run_main(capsys, "inspect", str(tmp_path / "m.onnx"), "--format", "json")
     assert code == 0, err
     s = json.loads(out)
-    assert [(i["name"], i["adapter"]) for i in s["inputs"]] == [("x", False), ("fc.lora_A", True), ("fc.lora_B", True)]
+    assert [(i["name"], i["adapter"]) for i in s["inputs"]] == [("x", False), ("fc.A", True), ("fc.lora_B", True)]
     assert s["inputs"][0]["shape"] == ["batch", 4]
     assert s["ops"] == {"Gemm": 3, "Add": 1}
     assert s["initializers"] == {"count": 1, "bytes": 48, "adapter": []}
-    assert s["manifest"]["content"]["adapters"]["default"] == ["fc.lora_A", "fc.lora_B"]
+    assert s["manifest"]["content"] == manifest and s["manifest"]["path"].endswith("lorafx_export.json")
     code, out, _ = run_main(capsys, "inspect", str(tmp_path / "m.onnx"))
     assert code == 0 and "2 adapter inputs" in out and "manifest:" in out
 

@@ -25,12 +25,17 @@ def _dims(type_proto) -> list:
 
 
 def find_manifest(path: Path) -> Path | None:
-    """The JSON manifest beside ``path``: ``<stem>*.json`` first, else the only ``*.json`` there."""
-    same_stem = sorted(path.parent.glob(f"{path.stem}*.json"))
-    if same_stem:
-        return same_stem[0]
-    others = sorted(path.parent.glob("*.json"))
-    return others[0] if len(others) == 1 else None
+    """The JSON manifest beside ``path``: ``<stem>*.json``, else one named ``*lorafx*`` or
+    ``*manifest*``, else the only ``*.json`` in the folder."""
+    every = sorted(path.parent.glob("*.json"))
+    for chosen in (
+        [p for p in every if p.name.startswith(path.stem)],
+        [p for p in every if "lorafx" in p.name.lower() or "manifest" in p.name.lower()],
+        every if len(every) == 1 else [],
+    ):
+        if chosen:
+            return chosen[0]
+    return None
 
 
 def onnx_summary(path: Path) -> dict[str, Any]:
@@ -51,11 +56,18 @@ def onnx_summary(path: Path) -> dict[str, Any]:
     manifest_path = find_manifest(path)
     manifest, manifest_text = None, ""
     if manifest_path is not None:
-        manifest_text = manifest_path.read_text()
         try:
-            manifest = json.loads(manifest_text)
+            manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             manifest = {"error": f"not valid JSON: {e}"}
+        # A name the manifest mentions is an adapter tensor, except where it lists the model's own
+        # inputs and outputs.
+        described = (
+            {k: v for k, v in manifest.items() if k not in ("inputs", "outputs")}
+            if isinstance(manifest, dict)
+            else manifest
+        )
+        manifest_text = json.dumps(described)
     g = model.graph
     inits = {t.name for t in g.initializer}
 
