@@ -107,7 +107,6 @@ def onnx_summary(path: Path) -> dict[str, Any]:
 
 def print_onnx(summary: dict[str, Any], console) -> None:
     """Rich rendering of :func:`onnx_summary`."""
-    from rich.json import JSON
     from rich.markup import escape
     from rich.table import Table
 
@@ -139,11 +138,11 @@ def print_onnx(summary: dict[str, Any], console) -> None:
     m = summary["manifest"]
     if m is None:
         console.print("manifest: none beside the model")
-    else:
-        console.print(f"manifest: {m['path']}", markup=False)
-        text = json.dumps(m["content"], indent=2)
-        lines = text.splitlines()
-        if len(lines) <= 80:
-            console.print(JSON(text))
-        else:
-            console.print("\n".join(lines[:80]) + f"\n... ({len(lines) - 80} more lines)", markup=False)
+        return
+    console.print(f"manifest: {m['path']} (full content with --format json)", markup=False)
+    content = m["content"] if isinstance(m["content"], dict) else {"content": m["content"]}
+    for key, value in content.items():
+        text = json.dumps(value)
+        if len(text) > 100:  # long lists (one entry per site) are summarised; --format json has them all
+            text = f"{len(value)} entries" if isinstance(value, (list, dict)) else text[:97] + "..."
+        console.print(f"  {key}: {text}", markup=False)
