@@ -117,12 +117,29 @@ def test_demo_trains_with_progress():
 
 def test_bench_runs_scripts_and_writes_summary(tmp_path):
     bench = _toy_benchmarks(tmp_path)
-    r = cli("bench", "toy", "--quick", "--dir", str(bench))
+    # a GPU benchmark on a CPU machine: exits 0 without results; its table from an earlier run stays
+    (bench / "gpu.py").write_text("print('no CUDA device here; nothing to do')\n")
+    (bench / "results").mkdir()
+    (bench / "results" / "gpu.md").write_text("| kernel | ms |\n|---|---|\n| fused | 0.1 |\n")
+    r = cli("bench", "--quick", "--dir", str(bench))
     assert r.returncode == 0, r.stderr
     assert json.loads((bench / "results" / "toy.json").read_text())["quick"] is True  # --quick reached it
     summary = (bench / "results" / "SUMMARY.md").read_text()
     assert "## toy" in summary and "| 1 | 2.5 |" in summary and "Quick run" in summary
-    assert "toy: done" in r.stderr
+    assert "## gpu" in summary and "| fused | 0.1 |" in summary
+    assert "toy: done" in r.stderr and "skipped gpu: wrote no results.json/.md: no CUDA device here" in r.stderr
+    assert "timing toy" in (bench / "results" / "toy.log").read_text()
+
+
+def test_bench_failing_script(tmp_path, capsys):
+    bench = _toy_benchmarks(tmp_path)
+    (bench / "broken.py").write_text("raise SystemExit('boom: out of memory')\n")
+    code, _, err = run_main(capsys, "bench", "broken", "toy", "--dir", str(bench))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"lorafx bench: error: broken exited with 1: boom: out of memory (log: {bench / 'results' / 'broken.log'})"
+    )
+    assert (bench / "results" / "SUMMARY.md").is_file()  # the others still ran and were collected
 
 
 def test_bad_input_subprocess_is_one_line():

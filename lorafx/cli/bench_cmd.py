@@ -61,6 +61,10 @@ def bench_dir(given: Path | None) -> Path:
     )
     for c in candidates:
         if c.is_dir():
+            if not c.name.isidentifier():
+                raise BenchError(
+                    f"{c}: the folder name must be a Python identifier (scripts run as `python -m {c.name}.NAME`)"
+                )
             return c
     where = " or ".join(str(c) for c in candidates)
     raise BenchError(f"no benchmarks folder at {where}; run from a lorafx checkout or pass --dir")
@@ -72,10 +76,9 @@ def scripts(folder: Path) -> dict[str, Path]:
 
 
 def _command(folder: Path, script: Path, quick: bool) -> list[str]:
-    # A package (benchmarks/__init__.py) runs with -m so its scripts can import each other; a plain
-    # folder runs the file.
-    head = ["-m", f"{folder.name}.{script.stem}"] if (folder / "__init__.py").is_file() else [str(script)]
-    return [sys.executable, *head, *(["--quick"] if quick else [])]
+    # As a module from the folder's parent (`python -m benchmarks.onnx`), never by path: a script named
+    # onnx.py run by path would put benchmarks/ first on sys.path and shadow the onnx package.
+    return [sys.executable, "-m", f"{folder.name}.{script.stem}", *(["--quick"] if quick else [])]
 
 
 def _run_one(folder: Path, script: Path, quick: bool, timeout: float, bar, task) -> tuple[int, float, Path]:
@@ -161,10 +164,17 @@ def _fresh(path: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime >= since - 1
 
 
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def _run_all(folder: Path, chosen: dict[str, Path], args: argparse.Namespace) -> list[str]:
+    """Run each script; returns the failures. A script that exits 0 without writing results (e.g. a
+    GPU benchmark on a CPU machine) is skipped, not failed: its earlier tables stay in the summary."""
     from lorafx.cli.ui import progress
 
-    failed = []
+    failed, skipped = [], []
     with progress() as bar:
         overall = bar.add_task("benchmarks", total=len(chosen))
         for name, script in chosen.items():
@@ -172,14 +182,13 @@ def _run_all(folder: Path, chosen: dict[str, Path], args: argparse.Namespace) ->
             started = time.time()
             code, seconds, log = _run_one(folder, script, args.quick, args.timeout, bar, task)
             missing = [s for s in (".json", ".md") if not _fresh(folder / "results" / f"{name}{s}", started)]
-            ok = code == 0 and not missing
-            bar.update(
-                task, description=f"{name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s", total=1, completed=1
-            )
+            state = "FAILED" if code != 0 else "skipped" if missing else "done"
+            bar.update(task, description=f"{name}: {state} in {seconds:.0f} s", total=1, completed=1)
             bar.advance(overall)
             if code != 0:
-                last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-                failed.append(f"{name} exited with {code}{': ' + last[0].strip() if last else ''} (log: {log})")
+                failed.append(f"{name} exited with {code}: {_last_line(log)} (log: {log})")
             elif missing:
-                failed.append(f"{name} wrote no results/{name}{'/'.join(missing)} (log: {log})")
+                skipped.append(f"{name}: wrote no results{'/'.join(missing)}: {_last_line(log)}")
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
     return failed
