@@ -127,7 +127,10 @@ def test_bench_runs_scripts_and_writes_summary(tmp_path):
     summary = (bench / "results" / "SUMMARY.md").read_text()
     assert "## toy" in summary and "| 1 | 2.5 |" in summary and "Quick run" in summary
     assert "## gpu" in summary and "| fused | 0.1 |" in summary
-    assert "toy: done" in r.stderr and "skipped gpu: wrote no results.json/.md: no CUDA device here" in r.stderr
+    assert (
+        "toy: done" in r.stderr
+        and "skipped gpu: wrote no results/gpu.json or results/gpu.md: no CUDA device here" in r.stderr
+    )
     assert "timing toy" in (bench / "results" / "toy.log").read_text()
 
 

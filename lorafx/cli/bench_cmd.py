@@ -188,7 +188,9 @@ def _run_all(folder: Path, chosen: dict[str, Path], args: argparse.Namespace) ->
             if code != 0:
                 failed.append(f"{name} exited with {code}: {_last_line(log)} (log: {log})")
             elif missing:
-                skipped.append(f"{name}: wrote no results{'/'.join(missing)}: {_last_line(log)}")
+                skipped.append(
+                    f"{name}: wrote no {' or '.join(f'results/{name}{x}' for x in missing)}: {_last_line(log)}"
+                )
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     return failed
