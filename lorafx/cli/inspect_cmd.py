@@ -151,60 +151,106 @@ def _yes(flag: bool | None) -> str:
     return "" if flag is None else "yes" if flag else "[red]no[/]"
 
 
-def print_report(report, con, source: str = "", matched_only: bool = False) -> None:
-    """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console."""
+_COLUMNS = (
+    ("site", "left"),
+    ("form", "left"),
+    ("shape", "right"),
+    ("matched by", "left"),
+    ("variant", "left"),
+    ("R", "right"),
+    ("params", "right"),
+    ("FLOPs/token", "right"),
+    ("bytes", "right"),
+    ("merge", "center"),
+    ("fuse", "center"),
+    ("region", "left"),
+)
+
+
+def _site_table(report, title: str, matched_only: bool):
     from rich.markup import escape
     from rich.table import Table
 
-    totals = report.totals()
-    table = Table(
-        title=f"{source or report.model}: {totals['matched']} of {totals['sites']} linear sites adapted",
-        title_justify="left",
-    )
-    for col, justify in (("site", "left"), ("form", "left"), ("shape", "right"), ("matched by", "left"), ("variant", "left"), ("R", "right"),
-                         ("params", "right"), ("FLOPs/token", "right"), ("bytes", "right"), ("merge", "center"), ("fuse", "center"), ("region", "left")):  # fmt: skip
+    table = Table(title=title, title_justify="left")
+    for col, justify in _COLUMNS:
         table.add_column(col, justify=justify, no_wrap=col in ("site", "region"))
     for s in report.sites:
-        if matched_only and not s.matched:
-            continue
         shape = f"{s.in_features}→{s.out_features}"
         if not s.matched:
-            table.add_row(escape(s.fqn), s.form, shape, "–", style="dim")
+            if not matched_only:
+                table.add_row(escape(s.fqn), s.form, shape, "–", style="dim")
             continue
         rule = s.rule + (f", override {s.override}" if s.override else "")
         region = "(own region)" if s.region == s.fqn else (s.region or "(whole model)")
-        table.add_row(escape(s.fqn), s.form, shape, escape(rule), s.variant, str(s.rank), f"{s.params:,}", f"{s.flops_per_token:,}", _bytes(s.bytes),
-                      _yes(s.mergeable), _yes(s.fusable), escape(region))  # fmt: skip
+        numbers = (str(s.rank), f"{s.params:,}", f"{s.flops_per_token:,}", _bytes(s.bytes))
+        table.add_row(
+            escape(s.fqn),
+            s.form,
+            shape,
+            escape(rule),
+            s.variant,
+            *numbers,
+            _yes(s.mergeable),
+            _yes(s.fusable),
+            escape(region),
+        )
     for sh in report.shared:
         table.add_row(
-            f"lorafx_shared.{sh.key}", "shared", "", "", "", "", f"{sh.params:,}", "", _bytes(sh.bytes), style="italic"
+            f"lorafx_shared.{sh.key}", "shared", *[""] * 4, f"{sh.params:,}", "", _bytes(sh.bytes), style="italic"
         )
+    t = report.totals()
     table.add_section()
-    table.add_row("total", "", "", f"{totals['matched']} sites", "", "", f"{totals['trainable_params']:,}", f"{totals['flops_per_token']:,}",
-                  _bytes(totals["bytes"]), _yes(totals["mergeable"]), "", f"{totals['regions']} regions", style="bold")  # fmt: skip
-    con.print(table)
+    numbers = (f"{t['trainable_params']:,}", f"{t['flops_per_token']:,}", _bytes(t["bytes"]))
+    table.add_row(
+        "total",
+        "",
+        "",
+        f"{t['matched']} sites",
+        "",
+        "",
+        *numbers,
+        _yes(t["mergeable"]),
+        "",
+        f"{t['regions']} regions",
+        style="bold",
+    )
+    return table
+
+
+def _summary(report) -> list[str]:
+    from rich.markup import escape
+
+    t = report.totals()
     kinds = {}
     for r in report.regions:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    con.print(
-        f"spec: {escape(json.dumps(report.spec.to_dict()['config']))} targets={escape(repr(report.spec.targets))}"
-    )
-    con.print(f"regions: {totals['regions']} ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
-    con.print(
-        f"trainable parameters: {totals['trainable_params']:,} = {totals['params_ratio']:.3%} of the base model's {report.base_params:,}"
-    )
-    con.print(
-        f"added FLOPs per token: {totals['flops_per_token']:,} = {totals['flops_ratio']:.3%} of the base linears' {report.base_flops_per_token:,} (attention scores excluded)"
-    )
-    con.print(
-        f"adapter bytes: {_bytes(totals['bytes'])} = {totals['bytes_ratio']:.3%} of the base weights ({_bytes(report.base_bytes)})"
-    )
-    if not totals["mergeable"]:
+    lines = [
+        f"spec: {escape(json.dumps(report.spec.to_dict()['config']))} targets={escape(repr(report.spec.targets))}",
+        f"regions: {t['regions']} ({', '.join(f'{n} {k}' for k, n in kinds.items())})",
+        f"trainable parameters: {t['trainable_params']:,} = {t['params_ratio']:.3%} of the base model's {report.base_params:,}",
+        f"added FLOPs per token: {t['flops_per_token']:,} = {t['flops_ratio']:.3%} of the base linears' "
+        f"{report.base_flops_per_token:,} (attention scores excluded)",
+        f"adapter bytes: {_bytes(t['bytes'])} = {t['bytes_ratio']:.3%} of the base weights ({_bytes(report.base_bytes)})",
+    ]
+    if not t["mergeable"]:
         bad = sorted({s.variant for s in report.matched if not s.mergeable})
-        con.print(
+        lines.append(
             f"[red]not mergeable[/]: {', '.join(bad)} (input-dependent gate); merged export is refused for these sites"
         )
     first = report.regions[0].fqn if report.regions else ""
-    con.print(
+    lines.append(
         f"[dim]add --graph {escape(first or 'model')} to print a rewritten region's code, --svg FILE to draw it[/]"
     )
+    return lines
+
+
+def print_report(report, con, source: str = "", matched_only: bool = False) -> None:
+    """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console."""
+    t = report.totals()
+    con.print(
+        _site_table(
+            report, f"{source or report.model}: {t['matched']} of {t['sites']} linear sites adapted", matched_only
+        )
+    )
+    for line in _summary(report):
+        con.print(line)
