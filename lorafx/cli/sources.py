@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def load_model(source: str, seed: int = 0):
     import torch
 
     if source.startswith(DEMO):
-        model = _builtin(source[len(DEMO) :])
+        model = _builtin(source[len(DEMO) :], seed)
     elif Path(source).is_dir():
         model = _transformers_dir(Path(source), seed)
     elif is_onnx(source):
@@ -78,15 +79,17 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def _builtin(name: str):
+def _builtin(name: str, seed: int):
     from lorafx.models import BUILTIN
 
     if name not in BUILTIN:
         raise SourceError(f"unknown built-in model {DEMO}{name}; built-ins: {', '.join(DEMO + n for n in BUILTIN)}")
     if name != "mlp":
         _quiet_transformers()
+    factory = BUILTIN[name]
     try:
-        return BUILTIN[name]()
+        # random-weight built-ins take a seed; the pretrained MiniLM does not
+        return factory(seed=seed) if "seed" in inspect.signature(factory).parameters else factory()
     except (RuntimeError, ImportError) as e:
         raise SourceError(f"{DEMO}{name}: {e}") from None
 
