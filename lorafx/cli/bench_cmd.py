@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from lorafx.cli.ui import plain
 from lorafx.errors import LorafxError
 
 EXAMPLES = """examples:
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run the benchmark scripts (benchmarks/*.py) and write benchmarks/results/SUMMARY.md",
-        description=__doc__,
+        description=plain(__doc__),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from lorafx.cli.ui import plain
 from lorafx.errors import SpecError
 
 EXAMPLES = """examples:
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run every variant end to end on a built-in tiny Llama",
-        description=__doc__,
+        description=plain(__doc__),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

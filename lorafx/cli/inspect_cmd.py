@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lorafx.cli import sources
+from lorafx.cli.ui import plain
 from lorafx.errors import LorafxError
 
 EXAMPLES = """examples:
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="show which linear sites a spec adapts, with parameters, FLOPs and the rewritten graph",
-        description=__doc__,
+        description=plain(__doc__),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -158,7 +158,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--spec", metavar="FILE", help="spec file, JSON or YAML (lorafx.Spec.to_dict format)")
     g.add_argument("--peft", metavar="DIR", help="PEFT LoRA adapter directory (its adapter_config.json)")
-    g.add_argument("--variant", help="variant name, e.g. lora (see lorafx.variant_names())")
+    from lorafx.config import variant_names
+
+    g.add_argument("--variant", help=f"one of {', '.join(variant_names())} (default lora)")
     g.add_argument("--r", type=int, help="rank r")
     g.add_argument("--alpha", type=float, help="scale numerator alpha")
     g.add_argument("--dropout", type=float, help="adapter input dropout")

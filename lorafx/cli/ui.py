@@ -6,6 +6,7 @@ Progress goes to stderr so that stdout stays clean for tables and ``--format jso
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -25,6 +26,12 @@ def console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
     return Console(file=stream, width=width, highlight=False)
+
+
+def plain(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: reST roles and literal quotes removed."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
+    return text.replace("``", "")
 
 
 class _NoProgress:
