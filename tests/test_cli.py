@@ -158,6 +158,21 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def test_import_lorafx_stays_lean():
+    # lorafx.report uses torch.utils.flop_counter, which imports triton: it must do so lazily
+    code = (
+        "import sys, lorafx; print(sorted(m for m in ('triton', 'onnx', 'transformers', 'rich') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 # -- the library report -------------------------------------------------------------------------
 
 
@@ -187,6 +202,7 @@ def test_report_matches_apply_for_every_variant():
 # -- sources --------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations while PEFT wraps the model
 def test_config_dir_with_peft_adapter_matches_peft(tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
