@@ -18,6 +18,7 @@ from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
 from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
+from lorafx.report import Report, build_report
 from lorafx.spec import Spec
 from lorafx.variants import LoRA
 
@@ -31,6 +32,7 @@ __all__ = [
     "LorafxError",
     "Lowered",
     "NotMergeableError",
+    "Report",
     "SiteAdapters",
     "Spec",
     "SpecError",
@@ -38,6 +40,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "apply",
+    "build_report",
     "delete_adapter",
     "from_peft",
     "is_merged",

@@ -104,11 +104,11 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def run_variant(name: str, spec: lorafx.Spec, task: TeacherTask) -> Row:
+def run_variant(name: str, spec: lorafx.Spec, task: TeacherTask, on_step=None) -> Row:
     t0 = time.perf_counter()
     model = lorafx.apply(copy.deepcopy(task.base), spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    before, after = train(model, task)
+    before, after = train(model, task, on_step=on_step)
     mergeable = spec.config.mergeable()
     merge_err = None
     if mergeable:

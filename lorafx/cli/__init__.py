@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
-from lorafx.cli import demo_cmd
+from lorafx.cli import bench_cmd, demo_cmd, inspect_cmd
 
-_COMMANDS = [demo_cmd]
+_COMMANDS = [inspect_cmd, demo_cmd, bench_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     from lorafx.errors import LorafxError
 
     args = build_parser().parse_args(argv)
+    # Traced transformers modules emit FutureWarnings about their own deprecated properties; they are
+    # not the user's to fix and would bury the table.
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return int(args.func(args) or 0)
     except LorafxError as e:
         print(f"lorafx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lorafx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lorafx inspect ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # so the flush at exit does not raise again
+        return 0
