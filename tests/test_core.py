@@ -149,6 +149,19 @@ def test_init_output_equals_base_exactly(make):
     assert torch.equal(out, ref)
 
 
+def test_merge_conv1d_weights_gpt2():
+    from helpers import tiny_gpt2
+
+    model = lorafx.apply(tiny_gpt2(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["c_attn", "c_fc"]))
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+        lorafx.merge(model)
+        assert_close(model(ids).logits, ref)
+        lorafx.unmerge(model)
+        assert_close(model(ids).logits, ref)
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(tiny_llama):
     w0 = tiny_llama.model.layers[0].mlp.up_proj.weight.detach().clone()
     model = lorafx.apply(tiny_llama, lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets="all-linear"))
