@@ -19,7 +19,7 @@ from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, Spec
 from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
 from lorafx.spec import Spec
-from lorafx.variants import LoRA
+from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 
 __version__ = "0.1.0"
 
@@ -27,14 +27,19 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterFileError",
+    "CELoRA",
+    "CapaBoost",
+    "DropLoRA",
     "LoRA",
     "LorafxError",
     "Lowered",
+    "MoR",
     "NotMergeableError",
     "SiteAdapters",
     "Spec",
     "SpecError",
     "TraceError",
+    "UniLoRA",
     "active_adapter",
     "adapter_names",
     "apply",
