@@ -110,12 +110,12 @@ class _CEBaseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        G = grad.reshape(-1, grad.shape[-1])
+        G = grad  # [T, d_out]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = ctx.adapter.input_grad(G, weight).view(*grad.shape[:-1], weight.shape[1])
+            gx = ctx.adapter.input_grad(G, weight)
         if ctx.needs_input_grad[1]:
-            gw = G.t() @ x.reshape(-1, x.shape[-1]).to(G.dtype)
+            gw = G.t() @ x.to(G.dtype)
         if ctx.needs_input_grad[2]:
             gb = G.sum(0)
         return gx, gw, gb, None
@@ -154,7 +154,10 @@ class CELoRAAdapter(Adapter):
 
     def _base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._ensure_svd(weight)
-        return _CEBaseLinear.apply(x, weight, bias, self)
+        # 2-D inside the Function: its output must not be a view, or lora_linear's in-place add of the
+        # adapter term is refused; the reshape outside it is an ordinary (in-place safe) view.
+        y = _CEBaseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, self)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A, self.lora_B, self.scale
