@@ -126,7 +126,12 @@ def _lora_count(c, d_in, d_out):
 
 
 CASES = [
-    Case("lora", lambda rnd: lorafx.LoRA(r=3, alpha=6, init="random" if rnd else "default"), lambda a, x, g: delta_lora(a, x, g, 2.0), _lora_count),
+    Case(
+        "lora",
+        lambda rnd: lorafx.LoRA(r=3, alpha=6, init="random" if rnd else "default"),
+        lambda a, x, g: delta_lora(a, x, g, 2.0),
+        _lora_count,
+    ),
     Case(
         "mor",
         lambda rnd: lorafx.MoR(r=3, alpha=6, experts=4, router_std=0.5, init="random" if rnd else "default"),
@@ -136,20 +141,38 @@ CASES = [
     ),
     Case(
         "mor_shared",
-        lambda rnd: lorafx.MoR(r=2, alpha=3, experts=2, shared_expert=True, router_std=0.5, init="random" if rnd else "default"),
+        lambda rnd: lorafx.MoR(
+            r=2, alpha=3, experts=2, shared_expert=True, router_std=0.5, init="random" if rnd else "default"
+        ),
         delta_mor,
         lambda c, i, o: c.r * (i + o) + c.experts * (c.r + o) + c.experts * i,
         mergeable=False,
     ),
-    Case("unilora", lambda rnd: lorafx.UniLoRA(r=3, vector_length=97, seed=5, init_bound=0.3 if rnd else 0.02), None, None, zero_init=False),
-    Case("celora", lambda rnd: lorafx.CELoRA(r=8, alpha=16, keep_ratio=0.5, init="random" if rnd else "default"), delta_celora, lambda c, i, o: 7 * (i + o)),
+    Case(
+        "unilora",
+        lambda rnd: lorafx.UniLoRA(r=3, vector_length=97, seed=5, init_bound=0.3 if rnd else 0.02),
+        None,
+        None,
+        zero_init=False,
+    ),
+    Case(
+        "celora",
+        lambda rnd: lorafx.CELoRA(r=8, alpha=16, keep_ratio=0.5, init="random" if rnd else "default"),
+        delta_celora,
+        lambda c, i, o: 7 * (i + o),
+    ),
     Case(
         "capaboost",
         lambda rnd: lorafx.CapaBoost(r=3, alpha=6, copies=3, density=0.4, seed=2, init="random" if rnd else "default"),
         delta_capaboost,
         _lora_count,
     ),
-    Case("droplora", lambda rnd: lorafx.DropLoRA(r=3, alpha=6, rank_dropout=0.4, init="random" if rnd else "default"), delta_droplora, _lora_count),
+    Case(
+        "droplora",
+        lambda rnd: lorafx.DropLoRA(r=3, alpha=6, rank_dropout=0.4, init="random" if rnd else "default"),
+        delta_droplora,
+        _lora_count,
+    ),
 ]
 IDS = [c.name for c in CASES]
 
@@ -223,7 +246,7 @@ def test_graph_matches_paper_formula(case, mode):
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad((out * probe).sum(), [x, *params])
     want = torch.autograd.grad((ref * probe).sum(), [x, *params])
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert_close(g, w, torch.float64)
 
 
@@ -235,7 +258,9 @@ def test_trainable_count_closed_form(case):
     if case.per_site_params is None:
         assert got == cfg.vector_length
     else:
-        assert got == sum(case.per_site_params(cfg, lin.in_features, lin.out_features) for lin in (Toy().fc1, Toy().fc2))
+        assert got == sum(
+            case.per_site_params(cfg, lin.in_features, lin.out_features) for lin in (Toy().fc1, Toy().fc2)
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -281,8 +306,14 @@ def test_mor_factored_shrink_equals_canonical():
     low = a.lower(TOY_X)
     assert low.A.shape == (12, 23) and low.B.shape == (37, 12) and low.gate.shape == (3, 5, 12)
     assert_close(low.h, TOY_X @ low.A.t(), torch.float64)
-    assert_close(lora_linear(TOY_X, lin.weight, lin.bias, low), lora_linear(TOY_X, lin.weight, lin.bias, low._replace(h=None)), torch.float64)
-    assert_close(low.gate.view(3, 5, 4, 3).sum(-1).sum(-1) / 3, torch.ones(3, 5, dtype=torch.float64), torch.float64)  # rows sum to 1
+    assert_close(
+        lora_linear(TOY_X, lin.weight, lin.bias, low),
+        lora_linear(TOY_X, lin.weight, lin.bias, low._replace(h=None)),
+        torch.float64,
+    )
+    assert_close(
+        low.gate.view(3, 5, 4, 3).sum(-1).sum(-1) / 3, torch.ones(3, 5, dtype=torch.float64), torch.float64
+    )  # rows sum to 1
 
 
 def test_mor_one_expert_is_lora():
@@ -326,7 +357,10 @@ def test_unilora_projection_is_isometric(tiny_llama):
     assert_close((P @ theta).norm(), theta.norm(), torch.float32)
     # Same seed + sites -> same indices; another seed changes them.
     same = lorafx.apply(copy.deepcopy(base), lorafx.Spec(cfg, targets=["q_proj", "v_proj", "down_proj"]))
-    other = lorafx.apply(copy.deepcopy(base), lorafx.Spec(lorafx.UniLoRA(r=2, vector_length=301, seed=4), targets=["q_proj", "v_proj", "down_proj"]))
+    other = lorafx.apply(
+        copy.deepcopy(base),
+        lorafx.Spec(lorafx.UniLoRA(r=2, vector_length=301, seed=4), targets=["q_proj", "v_proj", "down_proj"]),
+    )
     assert torch.equal(unilora_projection(same), P) and not torch.equal(unilora_projection(other), P)
 
 
