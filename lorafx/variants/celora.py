@@ -15,7 +15,7 @@ calls as in the released code, which also miscounts with gradient accumulation a
 The released code's ranking by ``‖Res[i, :]‖`` alone (its ``G_sums`` is a scalar, VARIANTS.md
 §3.4) is kept behind ``amm_bug=True`` for reproduction.
 
-The SVD (fp32) is taken from the live weight on the first training forward and redone if the weight
+The SVD (fp32, or fp64 for fp64 weights) is taken from the live weight on the first training forward and redone if the weight
 changes (merge/unmerge, ``.to()``); A0, B0 and ``I`` are not saved in adapter files (they are
 recomputed; a reloaded adapter's first backward is exact again).
 """
@@ -173,12 +173,12 @@ class CELoRAAdapter(Adapter):
         key = (id(weight), weight.data_ptr(), weight._version)
         if key == self._w_key:
             return
-        W = weight.detach().float()
+        W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))  # fp32 at least
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         root = S[: self.svd_rank].sqrt()
         self.svd_B0 = (U[:, : self.svd_rank] * root).to(weight.dtype)
         self.svd_A0 = (root[:, None] * Vh[: self.svd_rank]).to(weight.dtype)
-        self.res_norm = (W - self.svd_B0.float() @ self.svd_A0.float()).norm(dim=1)
+        self.res_norm = (W - self.svd_B0.to(W.dtype) @ self.svd_A0.to(W.dtype)).norm(dim=1)
         self._w_key, self._rows = key, None
 
     @torch.no_grad()
