@@ -383,3 +383,43 @@ def test_droplora_gate_statistics_and_eval_is_lora():
     assert torch.equal(b.lora_A, a.lora_A) and torch.equal(b.lora_B, a.lora_B)
     model.eval()
     assert torch.equal(model(TOY_X), lora(TOY_X))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_config_json_round_trip(case):
+    cfg = case.make(True)
+    assert lorafx.AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.mergeable() is case.mergeable
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: lorafx.MoR(experts=0), "experts"),
+        (lambda: lorafx.MoR(init="gaussian"), "init"),
+        (lambda: lorafx.CapaBoost(density=0.0), "density"),
+        (lambda: lorafx.CapaBoost(copies=0), "copies"),
+        (lambda: lorafx.DropLoRA(rank_dropout=1.0), "rank_dropout"),
+        (lambda: lorafx.CELoRA(keep_ratio=0.0), "keep_ratio"),
+        (lambda: lorafx.CELoRA(r=1), "r' = 0"),
+        (lambda: lorafx.UniLoRA(vector_length=0), "vector_length"),
+    ],
+)
+def test_bad_config_names_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_unilora_overrides_must_share_the_vector():
+    spec = lorafx.Spec(
+        lorafx.UniLoRA(r=2, vector_length=50),
+        targets=TOY_SITES,
+        overrides={"fc2": lorafx.UniLoRA(r=2, vector_length=60)},
+    )
+    with pytest.raises(lorafx.SpecError, match="share one vector"):
+        lorafx.apply(toy(), spec)
+    # Different ranks with one vector are fine: D counts each site's own r.
+    spec = lorafx.Spec(lorafx.UniLoRA(r=2, vector_length=50), targets=TOY_SITES, overrides={"fc2": {"r": 5}})
+    model = lorafx.apply(toy(), spec)
+    assert site_adapters(model)["fc2"].idx_B.shape == (19, 5)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 50

@@ -61,8 +61,8 @@ class CapaBoost(AdapterConfig):
             raise ValueError(f"capaboost: copies must be a positive int, got {self.copies!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"capaboost: density must be in (0, 1], got {self.density!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"capaboost: seed must be an int, got {self.seed!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"capaboost: seed must be a non-negative int, got {self.seed!r}")
         if self.init not in ("default", "gaussian", "random"):
             raise ValueError(f"capaboost: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
 
