@@ -316,6 +316,15 @@ def test_mor_factored_shrink_equals_canonical():
     )  # rows sum to 1
 
 
+def test_mor_per_token_update_has_rank_r():
+    """R = N·r = 12 slots, but each token's ΔW(x) = s·Bᵉ diag(g(x)) Aᵉ has rank ≤ r = 3 (shared row space)."""
+    a = site_adapters(adapt(CASES[1], random=True))["fc1"]
+    low = a.lower(TOY_X[0, :2])
+    for t in range(2):
+        delta = low.B @ torch.diag(low.gate[t]) @ low.A
+        assert torch.linalg.matrix_rank(delta) == 3
+
+
 def test_mor_one_expert_is_lora():
     """N = 1, Ω = 1: LoRA with the same A, B and α/r, whatever the router."""
     model = lorafx.apply(toy(), lorafx.Spec(lorafx.MoR(r=3, alpha=6, experts=1, router_std=1.0), targets=["fc1"]))
