@@ -17,7 +17,10 @@ The released code's ranking by ``‖Res[i, :]‖`` alone (its ``G_sums`` is a sc
 
 The SVD (fp32, or fp64 for fp64 weights) is taken from the live weight on the first training forward and redone if the weight
 changes (merge/unmerge, ``.to()``); A0, B0 and ``I`` are not saved in adapter files (they are
-recomputed; a reloaded adapter's first backward is exact again).
+recomputed; a reloaded adapter's first backward is exact again). Under ``torch.compile`` a CE site in
+training is a graph break (its backward updates the index: a side effect Dynamo will not trace;
+checked: ``fullgraph=True`` refuses it, the default mode gives the eager gradients); at eval and
+when merged it compiles like LoRA.
 """
 
 from __future__ import annotations
