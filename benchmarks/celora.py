@@ -281,7 +281,7 @@ def main() -> None:
     print("MoR forward ...", flush=True)
     res["mor_forward"] = bench_mor_forward(cfg, batch, [4, 8], repeat)
     RESULTS.mkdir(exist_ok=True)
-    name = "celora_quick" if args.quick else "celora"
+    name = "celora_quick" if args.quick else "celora"  # a quick run never overwrites the README's numbers
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
     md = markdown(res)
     (RESULTS / f"{name}.md").write_text(md)

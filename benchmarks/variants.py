@@ -92,9 +92,10 @@ def main() -> None:
     steps, seeds = (30, [0]) if args.quick else (args.steps, list(range(args.seeds)))
     rows = run(steps, seeds)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "variants.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "rows": rows}, indent=2))
+    name = "variants_quick" if args.quick else "variants"  # a quick run never overwrites the README's numbers
+    (RESULTS / f"{name}.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "rows": rows}, indent=2))
     md = markdown(rows, steps, seeds)
-    (RESULTS / "variants.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 
