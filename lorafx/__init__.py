@@ -20,7 +20,7 @@ from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
 from lorafx.report import Report, build_report
 from lorafx.spec import Spec
-from lorafx.variants import LoRA
+from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 
 __version__ = "0.1.0"
 
@@ -28,15 +28,20 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterFileError",
+    "CELoRA",
+    "CapaBoost",
+    "DropLoRA",
     "LoRA",
     "LorafxError",
     "Lowered",
+    "MoR",
     "NotMergeableError",
     "Report",
     "SiteAdapters",
     "Spec",
     "SpecError",
     "TraceError",
+    "UniLoRA",
     "active_adapter",
     "adapter_names",
     "apply",

@@ -30,6 +30,7 @@ class Lowered(NamedTuple):
     scale: float
     gate: torch.Tensor | None = None  # [..., R]; None = no gate
     base: Callable | None = None  # replaces F.linear(x, W, b) for the frozen term (CE-LoRA's backward)
+    h: torch.Tensor | None = None  # x_in Aᵉᵀ precomputed a cheaper, equal way ([..., R]; MoR's one shared shrink)
 
 
 class Adapter(nn.Module):

@@ -132,7 +132,9 @@ def _build_adapters(model: nn.Module, spec: Spec, selected: dict[str, str], name
             raise SpecError(f"site {fqn!r}: {e}") from None
         w = lin.weight
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        adapters[fqn] = adapter.to(device=w.device, dtype=dtype)
+        # A fresh module is in training mode; follow the site's mode so that adapting an eval() model
+        # does not switch on dropout, DropLoRA's rank mask or CE-LoRA's approximate backward.
+        adapters[fqn] = adapter.to(device=w.device, dtype=dtype).train(lin.training)
     return adapters
 
 
@@ -191,6 +193,7 @@ def prepare(model: nn.Module, spec: Spec, name: str = "default") -> Prepared:
             else:
                 a = adapters[fqn]
                 sa = SiteAdapters(fqn, a.in_features, a.out_features, linear_shape(model.get_submodule(fqn))[2])
+                sa.train(a.training)
                 sa.adapters[name] = a
                 fresh[local] = sa
         if fresh:

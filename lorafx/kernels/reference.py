@@ -26,7 +26,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if low is None:
         return F.linear(x, weight, bias)
     y = F.linear(x, weight, bias) if low.base is None else low.base(x, weight, bias)
-    h = F.linear(low.x.to(low.A.dtype), low.A)
+    h = F.linear(low.x.to(low.A.dtype), low.A) if low.h is None else low.h
     if low.gate is not None:
         h = h * low.gate
     B = low.B

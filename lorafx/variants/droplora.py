@@ -1,0 +1,85 @@
+"""DropLoRA (Zhang 2025, arXiv 2508.17337): LoRA with dropout on the rank dimension while training.
+
+Training: ``y = x Wᵀ + b + s·((x_in Aᵀ) ⊙ m) Bᵀ`` with ``m ~ Bernoulli(1−p)/(1−p)`` drawn per token and
+rank slot every forward (the canonical gate). Eval and merged: exactly LoRA, ``ΔW = s·BA`` — the
+released code's dynamic-pruning option gives three different functions for training, unmerged eval
+and merge (VARIANTS.md §5.1); that mismatch is a bug lorafx does not copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from lorafx.adapter import Adapter, Lowered
+from lorafx.config import AdapterConfig, register_variant
+from lorafx.variants.lora import check_rank_alpha_dropout, init_lora_pair
+
+
+@register_variant
+@dataclass(frozen=True)
+class DropLoRA(AdapterConfig):
+    """LoRA with rank-dimension dropout in training.
+
+    Args:
+        r: rank of the update.
+        alpha: scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        rank_dropout: probability p of zeroing one rank slot of one token (paper default 0.5;
+            its runs also use 0.1-0.4). Survivors are scaled by ``1/(1-p)``, so the mean is LoRA.
+        dropout: input dropout on the adapter path (PEFT's ``lora_dropout``).
+        rslora: rank-stabilised scaling.
+        init: ``"default"`` (kaiming A, zero B), ``"gaussian"`` or ``"random"`` (tests), as LoRA.
+
+    Example:
+        >>> spec = lorafx.Spec(lorafx.DropLoRA(r=32, alpha=64, rank_dropout=0.4), targets="all-linear")
+    """
+
+    name: ClassVar[str] = "droplora"
+    r: int = 8
+    alpha: float = 16.0
+    rank_dropout: float = 0.5
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["default", "gaussian", "random"] = "default"
+
+    def __post_init__(self):
+        check_rank_alpha_dropout(self)
+        if not 0.0 <= self.rank_dropout < 1.0:
+            raise ValueError(f"droplora: rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
+        if self.init not in ("default", "gaussian", "random"):
+            raise ValueError(f"droplora: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    def make_adapter(self, in_features: int, out_features: int, site: str) -> DropLoRAAdapter:
+        return DropLoRAAdapter(self, in_features, out_features, site)
+
+
+class DropLoRAAdapter(Adapter):
+    """``lora_A [r, d_in]``, ``lora_B [d_out, r]``; the gate is a fresh rank-slot mask in training only."""
+
+    def __init__(self, config: DropLoRA, in_features: int, out_features: int, site: str):
+        super().__init__(config, in_features, out_features, site)
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.empty(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+        init_lora_pair(self.lora_A, self.lora_B, config.init)
+
+    def lower(self, x: torch.Tensor) -> Lowered:
+        p = self.config.rank_dropout
+        gate = None
+        if self.training and p > 0:
+            # The mask is a graph value, so backward (and checkpoint recomputation of this node) reuses it.
+            keep = torch.empty(*x.shape[:-1], self.config.r, device=x.device, dtype=self.lora_A.dtype)
+            gate = keep.bernoulli_(1.0 - p) / (1.0 - p)
+        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale, gate)
+
+    def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scale
