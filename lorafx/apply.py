@@ -93,7 +93,9 @@ def select_sites(model: nn.Module, spec: Spec) -> dict[str, str]:
             selected[fqn] = rule
     names = list(linears)
     if not selected:
-        raise SpecError(f"spec targets {_describe(spec.targets)} match no linear site of {type(model).__name__}{_closest(spec, names)}")
+        raise SpecError(
+            f"spec targets {_describe(spec.targets)} match no linear site of {type(model).__name__}{_closest(spec, names)}"
+        )
     unused = spec.unused_patterns(list(selected))
     if unused:
         raise SpecError(f"spec entries {unused} match no selected linear site{_closest(spec, names, unused)}")
@@ -263,13 +265,32 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     sites = iter_sites(model)
     merged = sorted({sa.merged for sa in sites.values() if sa.merged is not None})
     if merged and name != merged[0]:
-        raise SpecError(f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching")
+        raise SpecError(
+            f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching"
+        )
     for other in data.specs:
         for m in _adapter_modules(model, other):
             m.requires_grad_(other == name)
     for sa in sites.values():
         sa.active = name if name in sa.adapters else None
     data.active = name
+
+
+def set_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
+    """Set the scale ``s`` of adapter ``name`` (default: the active one) at every site, in place.
+
+    The scale is a 0-dim tensor (``Adapter.scale``), so a compiled model does not recompile. Merged
+    adapters must be unmerged first (their ΔW is already in the weights).
+    """
+    data = info(model)
+    name = data.active if name is None else name
+    if name not in data.specs:
+        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
+    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    if any(sa.merged == name for sa in sites):
+        raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before changing its scale")
+    for sa in sites:
+        sa.adapters[name].scale = scale
 
 
 def active_adapter(model: nn.Module) -> str | None:
