@@ -93,9 +93,7 @@ def select_sites(model: nn.Module, spec: Spec) -> dict[str, str]:
             selected[fqn] = rule
     names = list(linears)
     if not selected:
-        raise SpecError(
-            f"spec targets {_describe(spec.targets)} match no linear site of {type(model).__name__}{_closest(spec, names)}"
-        )
+        raise SpecError(f"spec targets {_describe(spec.targets)} match no linear site of {type(model).__name__}{_closest(spec, names)}")
     unused = spec.unused_patterns(list(selected))
     if unused:
         raise SpecError(f"spec entries {unused} match no selected linear site{_closest(spec, names, unused)}")
@@ -265,9 +263,7 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     sites = iter_sites(model)
     merged = sorted({sa.merged for sa in sites.values() if sa.merged is not None})
     if merged and name != merged[0]:
-        raise SpecError(
-            f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching"
-        )
+        raise SpecError(f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching")
     for other in data.specs:
         for m in _adapter_modules(model, other):
             m.requires_grad_(other == name)
