@@ -30,8 +30,6 @@ from torch import nn
 from lorafx.apply import iter_sites
 from lorafx.errors import SpecError
 
-_KERNELS = ("auto", "triton", "reference")
-
 
 def compile(
     model: nn.Module,
@@ -49,7 +47,8 @@ def compile(
             eligible site calls ``torch.ops.lorafx.lora_linear``; Triton on CUDA) or ``"auto"``
             (``"triton"`` when CUDA and triton are available). Sites are lowered in place.
         fuse_shrinks: concatenate the adapter shrinks (``x Aᵀ``) of sibling sites that read the same
-            input (q/k/v, gate/up) into one matmul, in the Dynamo graph before inductor.
+            input (q/k/v, gate/up) into one matmul, in the Dynamo graph before inductor. Acts on
+            op-lowered sites, so it needs ``kernels="triton"`` (or ``"auto"`` resolving to it).
         fullgraph: passed to ``torch.compile``; True by default because an adapted model has no
             reason to break the graph.
         **kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ...; ``backend`` is the
@@ -62,12 +61,15 @@ def compile(
     """
     if not iter_sites(model):
         raise SpecError(f"{type(model).__name__} has no lorafx sites; call lorafx.apply(model, spec) first")
-    if kernels not in _KERNELS:
-        raise SpecError(f"kernels must be one of {list(_KERNELS)}, got {kernels!r}")
-    if kernels != "reference":
-        from lorafx.kernels.lowering import use_kernels
+    from lorafx.kernels.lowering import resolve, use_kernels
 
-        use_kernels(model, kernels)
+    chosen = resolve(kernels, model)
+    if fuse_shrinks and chosen == "reference":
+        raise SpecError(
+            f"fuse_shrinks=True fuses lorafx:: op nodes but kernels={kernels!r} resolved to 'reference'; "
+            "pass kernels='triton' (on CPU the op runs the reference composite)"
+        )
+    use_kernels(model, chosen)
     backend = kwargs.pop("backend", "inductor")
     if fuse_shrinks:
         from lorafx.passes.fuse_shrinks import fusing_backend

@@ -51,7 +51,9 @@ def test_lora_linear_values_and_grads(gate, dropout):
 @pytest.mark.parametrize("gate", [False, True])
 def test_opcheck_lora_linear(gate):
     torch.library.opcheck(ops.lora_linear, _operands(gate=gate, dtype=torch.float32), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(ops.lora_linear, _operands(gate=gate, dropout=True, dtype=torch.float32), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(
+        ops.lora_linear, _operands(gate=gate, dropout=True, dtype=torch.float32), test_utils=OPCHECK_TESTS
+    )
 
 
 def test_expand_matches_linear_and_opchecks():

@@ -19,7 +19,9 @@ from lorafx.kernels import ops, reference
 from lorafx.regions import is_region
 
 
-def op_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: Lowered | None) -> torch.Tensor:
+def op_lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: Lowered | None
+) -> torch.Tensor:
     """Same contract as :func:`lorafx.kernels.reference.lora_linear`, through ``torch.ops.lorafx``."""
     if low is None:
         return F.linear(x, weight, bias)

@@ -35,14 +35,23 @@ def _shrink(x_in: Tensor, A: Tensor) -> Tensor:
 
 @torch.library.custom_op("lorafx::lora_linear", mutates_args=())
 def lora_linear(
-    x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: Tensor, g: Tensor | None = None, x_in: Tensor | None = None
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    s: Tensor,
+    g: Tensor | None = None,
+    x_in: Tensor | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ`` (``x_in`` defaults to ``x``); see the module docstring."""
     return _expand_ref(x, W, b, _shrink(x if x_in is None else x_in, A), B, s, g)
 
 
 @torch.library.custom_op("lorafx::lora_expand", mutates_args=())
-def lora_expand(x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, B: Tensor, s: Tensor, g: Tensor | None = None) -> Tensor:
+def lora_expand(
+    x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, B: Tensor, s: Tensor, g: Tensor | None = None
+) -> Tensor:
     """``x Wᵀ + b + s·(h ⊙ g) Bᵀ`` with a precomputed shrink ``h [..., R]``."""
     return _expand_ref(x, W, b, h, B, s, g)
 
