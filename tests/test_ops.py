@@ -102,3 +102,11 @@ def test_multi_adapter_matches_per_row_loop():
 
 def test_opcheck_multi():
     torch.library.opcheck(ops.lora_linear_multi, _multi_operands(torch.float32), test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_opcheck_backward_op(gate, dropout):
+    x, W, b, A, B, s, g, x_in = (t.detach() if t is not None else None for t in _operands(gate=gate, dropout=dropout, dtype=torch.float32))
+    dy = torch.randn(*x.shape[:-1], W.shape[0])
+    torch.library.opcheck(ops.lora_linear_backward, (dy, x, W, A, B, s, g, x_in, gate), test_utils=OPCHECK_TESTS)

@@ -27,7 +27,7 @@ def op_lora_linear(
         return F.linear(x, weight, bias)
     if low.base is not None:
         return reference.lora_linear(x, weight, bias, low)
-    s = low.scale if isinstance(low.scale, torch.Tensor) else torch.tensor(float(low.scale))
+    s = low.scale if isinstance(low.scale, torch.Tensor) else torch.tensor(float(low.scale), device=x.device)
     x_in = None if low.x is x else low.x
     return ops.lora_linear(x, weight, bias, low.A, low.B, s, low.gate, x_in)
 

@@ -17,6 +17,8 @@ get gradients only when they require them (frozen base weights cost nothing).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -120,6 +122,35 @@ def _adapter_grads(dy2, h, B, s, g, needs):
     return dh, dB, ds, dg
 
 
+@torch.library.custom_op("lorafx::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: Tensor, x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: Tensor, g: Tensor | None, x_in: Tensor | None, need_g: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, d_xin, dA, dB, dg)`` of ``lora_linear``; ``d_xin``/``dg`` are empty when unused.
+
+    An op of its own so that its CUDA kernel (the fused Triton backward) survives AOT tracing.
+    """
+    dy2, x2 = _flat(dy), _flat(x)
+    xin2 = x2 if x_in is None else _flat(x_in)
+    dh, dB, _, dg = _adapter_grads(dy2, _shrink(xin2, A), B, s, _flat(g), {"B": True, "s": False, "g": need_g and g is not None})
+    d_xin = (dh @ A).to(xin2.dtype)
+    dx = (dy2.to(W.dtype) @ W).to(x.dtype)
+    if x_in is None:
+        dx, d_xin = dx + d_xin.to(x.dtype), x.new_empty(0)
+    else:
+        d_xin = d_xin.reshape(x_in.shape)
+    dA = (dh.t() @ xin2.to(A.dtype)).to(A.dtype)
+    dg = dy.new_empty(0) if dg is None else dg.to(g.dtype).reshape(g.shape)
+    return dx.reshape(x.shape), d_xin, dA, dB.to(B.dtype), dg
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, W, A, B, s, g, x_in, need_g):
+    d_xin = x.new_empty(0) if x_in is None else torch.empty_like(x_in)
+    dg = dy.new_empty(0) if not (need_g and g is not None) else torch.empty_like(g)
+    return torch.empty_like(x), d_xin, torch.empty_like(A), torch.empty_like(B), dg
+
+
 def _setup_linear(ctx, inputs, output):
     x, W, b, A, B, s, g, x_in = inputs
     ctx.save_for_backward(x, W, A, B, s, g, x_in)
@@ -129,21 +160,24 @@ def _setup_linear(ctx, inputs, output):
 def _backward_linear(ctx, dy):
     x, W, A, B, s, g, x_in = ctx.saved_tensors
     n = _needs(ctx)
+    dx, d_xin, dA, dB, dg = lora_linear_backward(dy, x, W, A, B, s, g, x_in, n[6])
     dy2, x2 = _flat(dy), _flat(x)
-    xin2 = x2 if x_in is None else _flat(x_in)
-    h = _shrink(xin2, A)
-    dh, dB, ds, dg = _adapter_grads(dy2, h, B, s, _flat(g), {"B": n[4], "s": n[5], "g": n[6]})
-    d_xin = (dh @ A).to(xin2.dtype)
-    dx = (dy2.to(W.dtype) @ W).to(x.dtype) if n[0] else None
-    if n[0] and x_in is None:
-        dx = dx + d_xin.to(x.dtype)
     dW, db = _base_grads(ctx, dy2, x2, W, n[1], n[2] and ctx.has_b)
-    dA = dh.t() @ xin2.to(A.dtype) if n[3] else None
-    shape = ctx.x_shape
-    dx = None if dx is None else dx.reshape(shape)
-    dg = None if dg is None else dg.reshape(*shape[:-1], -1)
-    d_xin = d_xin.reshape(shape) if (x_in is not None and n[7]) else None
-    return dx, dW, db, dA, dB, ds, dg, d_xin
+    ds = None
+    if n[5]:  # a trainable scale: rare, plain PyTorch
+        hg = _shrink(x2 if x_in is None else _flat(x_in), A)
+        hg = hg if g is None else hg * _flat(g)
+        ds = ((dy2.to(B.dtype) @ B) * hg).sum().reshape(s.shape).to(s.dtype)
+    return (
+        dx if n[0] else None,
+        dW,
+        db,
+        dA if n[3] else None,
+        dB if n[4] else None,
+        ds,
+        dg if n[6] and g is not None else None,
+        d_xin if x_in is not None and n[7] else None,
+    )
 
 
 def _setup_expand(ctx, inputs, output):
@@ -205,7 +239,7 @@ def _register_cuda() -> None:
         from lorafx.kernels import triton_lora
     except ImportError:  # no triton: the composite above serves every device
         return
-    triton_lora.register_cuda_kernels(lora_linear, lora_expand)
+    triton_lora.register_cuda_kernels(sys.modules[__name__])
 
 
 _register_cuda()
