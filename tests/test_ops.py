@@ -107,6 +107,8 @@ def test_opcheck_multi():
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_opcheck_backward_op(gate, dropout):
-    x, W, b, A, B, s, g, x_in = (t.detach() if t is not None else None for t in _operands(gate=gate, dropout=dropout, dtype=torch.float32))
+    x, W, b, A, B, s, g, x_in = (
+        t.detach() if t is not None else None for t in _operands(gate=gate, dropout=dropout, dtype=torch.float32)
+    )
     dy = torch.randn(*x.shape[:-1], W.shape[0])
     torch.library.opcheck(ops.lora_linear_backward, (dy, x, W, A, B, s, g, x_in, gate), test_utils=OPCHECK_TESTS)

@@ -124,7 +124,15 @@ def _adapter_grads(dy2, h, B, s, g, needs):
 
 @torch.library.custom_op("lorafx::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    dy: Tensor, x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: Tensor, g: Tensor | None, x_in: Tensor | None, need_g: bool
+    dy: Tensor,
+    x: Tensor,
+    W: Tensor,
+    A: Tensor,
+    B: Tensor,
+    s: Tensor,
+    g: Tensor | None,
+    x_in: Tensor | None,
+    need_g: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, d_xin, dA, dB, dg)`` of ``lora_linear``; ``d_xin``/``dg`` are empty when unused.
 
@@ -132,7 +140,9 @@ def lora_linear_backward(
     """
     dy2, x2 = _flat(dy), _flat(x)
     xin2 = x2 if x_in is None else _flat(x_in)
-    dh, dB, _, dg = _adapter_grads(dy2, _shrink(xin2, A), B, s, _flat(g), {"B": True, "s": False, "g": need_g and g is not None})
+    dh, dB, _, dg = _adapter_grads(
+        dy2, _shrink(xin2, A), B, s, _flat(g), {"B": True, "s": False, "g": need_g and g is not None}
+    )
     d_xin = (dh @ A).to(xin2.dtype)
     dx = (dy2.to(W.dtype) @ W).to(x.dtype)
     if x_in is None:

@@ -33,9 +33,22 @@ def _configs(kind: str) -> list:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     if kind == "shrink":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": bk}, num_warps=4) for bm in (16, 64, 128) for bk in (64, 128)]
-    shapes = [(16, 128, 64, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": bk}, num_warps=4)
+            for bm in (16, 64, 128)
+            for bk in (64, 128)
+        ]
+    shapes = [
+        (16, 128, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
+    ]
 
 
 @triton.autotune(configs=_configs("shrink"), key=["M", "K", "R"])
@@ -67,20 +80,30 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        ).to(tl.float32)
         if MULTI:
-            c_ptrs = c_ptr + a[:, None, None] * stride_ca + kk[None, :, None] * stride_ck + rr[None, None, :] * stride_cr
+            c_ptrs = (
+                c_ptr + a[:, None, None] * stride_ca + kk[None, :, None] * stride_ck + rr[None, None, :] * stride_cr
+            )
             c_mask = live[:, None, None] & k_mask[None, :, None] & r_mask[None, None, :]
             c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
             acc += tl.sum(x[:, :, None] * c, axis=1)
         else:
-            c = tl.load(c_ptr + kk[:, None] * stride_ck + rr[None, :] * stride_cr, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            c = tl.load(
+                c_ptr + kk[:, None] * stride_ck + rr[None, :] * stride_cr,
+                mask=k_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
             acc += tl.dot(x, c.to(tl.float32), input_precision="ieee")
     # ---- epilogue: scale, gate, store fp32
     acc = acc * scale
     out_mask = m_mask[:, None] & r_mask[None, :]
     if HAS_GATE:
-        acc *= tl.load(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, mask=out_mask, other=0.0).to(tl.float32)
+        acc *= tl.load(g_ptr + rm[:, None] * stride_gm + rr[None, :] * stride_gr, mask=out_mask, other=0.0).to(
+            tl.float32
+        )
     tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, acc, mask=out_mask)
 
 
@@ -108,8 +131,12 @@ def _fused_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        w = tl.load(
+            w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+        )
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -118,17 +145,25 @@ def _fused_kernel(
     if HAS_ADAPTER:
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
-        h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        h = tl.load(
+            h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=m_mask[:, None] & r_mask[None, :], other=0.0
+        )
         if MULTI:
             a = tl.load(idx_ptr + rm, mask=m_mask, other=-1)
             live = m_mask & (a >= 0)
             a = tl.where(live, a, 0)
-            b_ptrs = bt_ptr + a[:, None, None] * stride_ba + rr[None, :, None] * stride_br + rn[None, None, :] * stride_bn
+            b_ptrs = (
+                bt_ptr + a[:, None, None] * stride_ba + rr[None, :, None] * stride_br + rn[None, None, :] * stride_bn
+            )
             b_mask = live[:, None, None] & r_mask[None, :, None] & n_mask[None, None, :]
             bt = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
             acc += tl.sum(h[:, :, None] * bt, axis=1)
         else:
-            bt = tl.load(bt_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            bt = tl.load(
+                bt_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
             acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
     # ---- epilogue: bias, one write in the output dtype
     if HAS_BIAS:
@@ -147,7 +182,7 @@ def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, idx=No
     R = c.shape[-1]
     multi = idx is not None
     h = torch.empty((M, R), device=x2.device, dtype=torch.float32)
-    sa, sk, sr = (c.stride() if multi else (0, *c.stride()))
+    sa, sk, sr = c.stride() if multi else (0, *c.stride())
     g = gate if gate is not None else h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _shrink_kernel[grid](
@@ -223,7 +258,11 @@ def lora_linear_backward(dy, x, W, A, B, s, g, x_in, need_g: bool):
         dx, d_xin = fused(dy2, W, out_dtype=x.dtype), fused(dh, A, out_dtype=x_in.dtype).reshape(x_in.shape)
     dA = fused(dh.t(), xin2, out_dtype=A.dtype)
     dB = fused(dy2.t(), shrink(xin2, A.t(), s32, g2), out_dtype=B.dtype)
-    dg = (u * shrink(xin2, A.t(), torch.ones_like(s32))).to(g.dtype).reshape(g.shape) if need_g and g is not None else dy.new_empty(0)
+    dg = (
+        (u * shrink(xin2, A.t(), torch.ones_like(s32))).to(g.dtype).reshape(g.shape)
+        if need_g and g is not None
+        else dy.new_empty(0)
+    )
     return dx.reshape(x.shape), d_xin, dA, dB, dg
 
 
