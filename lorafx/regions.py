@@ -18,8 +18,9 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-import torch.nn.functional as F
 from torch import fx, nn
+
+import torch.nn.functional as F
 
 from lorafx.passes.find_sites import find_sites, is_linear_module
 from lorafx.passes.insert_adapters import CONTAINER
