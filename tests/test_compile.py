@@ -10,6 +10,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import lorafx
+import lorafx.kernels.lowering
 from lorafx.models import tiny_llama
 from tests.tolerances import assert_close
 from tests.variant_cases import example_configs
@@ -111,3 +112,19 @@ def test_compile_rejects_bad_input():
         lorafx.compile(torch.nn.Linear(2, 2))
     with pytest.raises(lorafx.SpecError, match="kernels must be one of"):
         lorafx.compile(_adapted(CONFIGS["lora"], names=("a",)), kernels="cuda")
+
+
+def test_op_path_compiles_with_inductor_and_switches_without_recompiling():
+    """kernels="triton" lowers every site to torch.ops.lorafx.lora_linear (the composite on CPU)."""
+    model = _adapted(CONFIGS["lora"])
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    compiled = lorafx.compile(model, kernels="triton", fuse_shrinks=True)
+    with torch.no_grad():
+        assert_close(compiled(ids).logits, model(ids).logits)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("b", "a", "b"):
+                lorafx.set_adapter(model, name)
+                assert_close(compiled(ids).logits, model(ids).logits)
+    lorafx.kernels.lowering.use_kernels(model, "reference")  # and back: same numbers
+    with torch.no_grad():
+        assert_close(compiled(ids).logits, model(ids).logits)
