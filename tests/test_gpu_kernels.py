@@ -12,7 +12,11 @@ from tests.tolerances import assert_close
 pytestmark = pytest.mark.gpu
 
 # fp32 runs the base GEMM with ieee dots (no tf32); half types round inputs and the output once.
-GPU_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+GPU_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
+}
 
 
 def _data(M, K, N, r, dtype, gate):
