@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     sizes = [16, 512, 8192] if args.quick else [16, 64, 256, 1024, 2048, 4096, 8192]
     rows = [bench_one(M, 4096, 4096, 16, dtype) for M in sizes]
     lines = [
-        f"| M | base (ms) | unfused (ms) | PEFT (ms) | fused (ms) | unfused / fused | fused / base |",
+        "| M | base (ms) | unfused (ms) | PEFT (ms) | fused (ms) | unfused / fused | fused / base |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
