@@ -112,3 +112,15 @@ def test_opcheck_backward_op(gate, dropout):
     )
     dy = torch.randn(*x.shape[:-1], W.shape[0])
     torch.library.opcheck(ops.lora_linear_backward, (dy, x, W, A, B, s, g, x_in, gate), test_utils=OPCHECK_TESTS)
+
+
+def test_ops_and_passes_import_without_triton_on_cpu():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lorafx, lorafx.kernels.ops, lorafx.kernels.lowering, lorafx.passes.fuse_shrinks\n"
+        "print(sorted(m for m in ('triton', 'onnx', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "not under_the_triton"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+        "-k",
+        "not under_the_triton",
+    ]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
@@ -127,3 +137,17 @@ if INTERPRETED:
         calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.lorafx_test.lora_linear_interp.default]
         assert len(calls) == 2  # the kernel op is in the graph, once per site, no graph break
         torch._dynamo.reset()
+
+    def test_triton_op_runs_the_kernels_with_the_op_autograd():
+        """``lorafx::lora_linear_triton`` (the inductor-visible form on GPU), eagerly on CPU tensors."""
+        from lorafx.kernels import ops as ops_module
+
+        triton_lora.register_cuda_kernels(ops_module)  # what ops does at import on a CUDA machine
+        x, W, b, A, B, s, g = _data(19, 21, 23, 8, torch.float32, gate=True)
+        x, A, B = x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+        y = torch.ops.lorafx.lora_linear_triton(x, W, b, A, B, s, g)
+        want = ops.lora_linear(x, W, b, A, B, s, g)
+        assert_close(y, want, **KERNEL_TOL[torch.float32])
+        dy = torch.randn_like(y)
+        for a, w in zip(torch.autograd.grad(y, (x, A, B), dy), torch.autograd.grad(want, (x, A, B), dy), strict=True):
+            assert_close(a, w, **KERNEL_TOL[torch.float32])

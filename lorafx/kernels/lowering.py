@@ -29,7 +29,8 @@ def op_lora_linear(
         return reference.lora_linear(x, weight, bias, low)
     s = low.scale if isinstance(low.scale, torch.Tensor) else torch.tensor(float(low.scale), device=x.device)
     x_in = None if low.x is x else low.x
-    return ops.lora_linear(x, weight, bias, low.A, low.B, s, low.gate, x_in)
+    op = ops.TRITON_OP if (x.is_cuda and ops.TRITON_OP is not None) else ops.lora_linear
+    return op(x, weight, bias, low.A, low.B, s, low.gate, x_in)
 
 
 _TARGETS = {"reference": reference.lora_linear, "triton": op_lora_linear}

@@ -241,6 +241,9 @@ lora_expand.register_autograd(_backward_expand, setup_context=_setup_expand)
 lora_linear_multi.register_autograd(_backward_multi, setup_context=_setup_multi)
 
 
+TRITON_OP = None  # lorafx::lora_linear_triton once registered (CUDA + triton); see _register_cuda
+
+
 def _register_cuda() -> None:
     """Route the ops to the Triton kernels on CUDA when triton is installed (no CUDA context is made)."""
     if not torch.cuda.is_available():

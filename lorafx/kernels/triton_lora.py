@@ -23,6 +23,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -185,7 +186,7 @@ def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, idx=No
     sa, sk, sr = c.stride() if multi else (0, *c.stride())
     g = gate if gate is not None else h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _shrink_kernel[grid](
+    wrap_triton(_shrink_kernel)[grid](
         x2, c, g, s, idx if multi else h, h,
         M, K, R,
         x2.stride(0), x2.stride(1), sa, sk, sr, g.stride(0), g.stride(1), h.stride(0), h.stride(1),
@@ -205,7 +206,7 @@ def fused(x2: torch.Tensor, w: torch.Tensor, bias=None, h=None, bt=None, idx=Non
     h_ = h if adapter else y
     ba, br, bn = (bt.stride() if multi else (0, *bt.stride())) if adapter else (0, 0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _fused_kernel[grid](
+    wrap_triton(_fused_kernel)[grid](
         x2, w, bias if bias is not None else y, h_, bt if adapter else y, idx if multi else y, y,
         M, N, K, R,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), h_.stride(0), h_.stride(1),
@@ -280,9 +281,28 @@ def lora_linear_multi_dx(dy, W, A, B, s, idx) -> torch.Tensor:
     return fused(dy2, W, None, u, A, idx=rows)
 
 
+@triton_op("lorafx::lora_linear_triton", mutates_args=())
+def lora_linear_triton(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor | None = None,
+    x_in: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``lorafx::lora_linear`` as a ``triton_op``: inductor traces into the launches (``wrap_triton``)
+    and sees both kernels, instead of one opaque call. Used on CUDA by ``kernels="triton"``."""
+    return lora_linear(x, W, b, A, B, s, g, x_in)
+
+
 def register_cuda_kernels(ops_module) -> None:
-    """Register these launchers as the CUDA kernels of the ``lorafx::`` ops (called by ``ops``)."""
+    """Register these launchers as the CUDA kernels of the ``lorafx::`` ops and give the traceable
+    ``lorafx::lora_linear_triton`` the autograd of ``lorafx::lora_linear`` (called by ``ops``)."""
     ops_module.lora_linear.register_kernel("cuda")(lora_linear)
     ops_module.lora_expand.register_kernel("cuda")(lora_expand)
     ops_module.lora_linear_multi.register_kernel("cuda")(lora_linear_multi)
     ops_module.lora_linear_backward.register_kernel("cuda")(lora_linear_backward)
+    lora_linear_triton.register_autograd(ops_module._backward_linear, setup_context=ops_module._setup_linear)
+    ops_module.TRITON_OP = lora_linear_triton
