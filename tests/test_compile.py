@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
 
 import lorafx
 import lorafx.kernels.lowering
@@ -120,7 +122,11 @@ def test_op_path_compiles_with_inductor_and_switches_without_recompiling():
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
     compiled = lorafx.compile(model, kernels="triton", fuse_shrinks=True)
     with torch.no_grad():
-        assert_close(compiled(ids).logits, model(ids).logits)
+        out, code = run_and_get_code(compiled, ids)
+        assert_close(out.logits, model(ids).logits)
+        # inductor's output code calls the op once per site: q/k/v and gate/up share fused shrinks
+        FileCheck().check_count("torch.ops.lorafx.lora_expand.default(", 5, exactly=True).run("\n".join(code))
+        FileCheck().check_count("torch.ops.lorafx.lora_linear.default(", 2, exactly=True).run("\n".join(code))
         with torch._dynamo.config.patch(error_on_recompile=True):
             for name in ("b", "a", "b"):
                 lorafx.set_adapter(model, name)
