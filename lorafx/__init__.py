@@ -15,7 +15,7 @@ from lorafx.apply import (
     set_scale,
     step,
 )
-from lorafx.compile import compile, compile_check  # lorafx kernels/compile (issue 4)
+from lorafx.compiler import compile, compile_check  # lorafx kernels/compile (issue 4)
 from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
 from lorafx.merge import is_merged, merge, unmerge
