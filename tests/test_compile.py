@@ -134,3 +134,24 @@ def test_op_path_compiles_with_inductor_and_switches_without_recompiling():
     lorafx.kernels.lowering.use_kernels(model, "reference")  # and back: same numbers
     with torch.no_grad():
         assert_close(compiled(ids).logits, model(ids).logits)
+
+
+def test_slot_follows_active_merge_delete_and_deepcopy():
+    """The core change behind zero recompiles: SiteAdapters.forward reads ``_slot`` only."""
+    import copy
+
+    model = _adapted(CONFIGS["lora"])
+    sa = next(iter(lorafx.iter_sites(model).values()))
+    assert sa._slot is sa.adapters["a"]
+    lorafx.set_adapter(model, "b")
+    assert sa._slot is sa.adapters["b"] and sa.active == "b"
+    lorafx.merge(model)
+    assert sa._slot is None and sa(torch.randn(1, sa.in_features)) is None
+    lorafx.unmerge(model)
+    assert sa._slot is sa.adapters["b"]
+    twin = copy.deepcopy(model)
+    tsa = next(iter(lorafx.iter_sites(twin).values()))
+    assert tsa._slot is tsa.adapters["b"] and tsa._slot is not sa._slot
+    lorafx.delete_adapter(model, "b")
+    assert sa._slot is None and sa.active is None
+    assert "_slot" not in str(list(model.state_dict()))
