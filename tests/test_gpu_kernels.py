@@ -59,3 +59,15 @@ def test_compiled_adapted_llama_on_cuda_uses_the_op():
         want = model(ids).logits
         assert lorafx.compile_check(model, (ids,), kernels="auto", fuse_shrinks=True) < 1e-3
         assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_opcheck_triton_op_on_cuda(gate):
+    """``lorafx::lora_linear_triton`` traces into its kernels (fake tensors cannot run the interpreter,
+    so this check needs a GPU)."""
+    from lorafx.kernels import ops
+
+    assert ops.TRITON_OP is not None, "lorafx.kernels.ops did not register the Triton kernels on CUDA"
+    args = _data(37, 96, 80, 8, torch.float32, gate)
+    torch.library.opcheck(torch.ops.lorafx.lora_linear_triton.default, args)
+    torch.library.opcheck(torch.ops.lorafx.lora_linear.default, args)
