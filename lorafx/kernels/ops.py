@@ -104,7 +104,7 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1, t.shape[-1])
 
 
-def _base_grads(ctx, dy2: Tensor, x2: Tensor, W: Tensor, need_w: bool, need_b: bool):
+def _base_grads(dy2: Tensor, x2: Tensor, W: Tensor, need_w: bool, need_b: bool):
     dW = dy2.t().to(W.dtype) @ x2.to(W.dtype) if need_w else None
     db = dy2.sum(0).to(W.dtype) if need_b else None
     return dW, db
@@ -172,7 +172,7 @@ def _backward_linear(ctx, dy):
     n = _needs(ctx)
     dx, d_xin, dA, dB, dg = lora_linear_backward(dy, x, W, A, B, s, g, x_in, n[6])
     dy2, x2 = _flat(dy), _flat(x)
-    dW, db = _base_grads(ctx, dy2, x2, W, n[1], n[2] and ctx.has_b)
+    dW, db = _base_grads(dy2, x2, W, n[1], n[2] and ctx.has_b)
     ds = None
     if n[5]:  # a trainable scale: rare, plain PyTorch
         hg = _shrink(x2 if x_in is None else _flat(x_in), A)
@@ -202,7 +202,7 @@ def _backward_expand(ctx, dy):
     dy2, x2 = _flat(dy), _flat(x)
     dh, dB, ds, dg = _adapter_grads(dy2, _flat(h), B, s, _flat(g), {"B": n[4], "s": n[5], "g": n[6]})
     dx = (dy2.to(W.dtype) @ W).to(x.dtype).reshape(x.shape) if n[0] else None
-    dW, db = _base_grads(ctx, dy2, x2, W, n[1], n[2] and ctx.has_b)
+    dW, db = _base_grads(dy2, x2, W, n[1], n[2] and ctx.has_b)
     dh = dh.to(h.dtype).reshape(h.shape) if n[3] else None
     dg = None if dg is None else dg.reshape(g.shape)
     return dx, dW, db, dh, dB, ds, dg
@@ -231,7 +231,7 @@ def _backward_multi(ctx, dy):
         dB.append((dys.t() @ h) * s[i].to(B.dtype))
         if dx2 is not None:
             dx2 = dx2 + (dh @ A[i]).to(x.dtype)
-    dW, db = _base_grads(ctx, dy2, x2, W, n[1], n[2] and ctx.has_b)
+    dW, db = _base_grads(dy2, x2, W, n[1], n[2] and ctx.has_b)
     dx = None if dx2 is None else dx2.reshape(x.shape)
     return dx, dW, db, torch.stack(dA) if n[3] else None, torch.stack(dB) if n[4] else None, None, None
 
