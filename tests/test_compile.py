@@ -7,15 +7,15 @@ Reference: the same model run eagerly. Recompiles are counted by Dynamo itself
 import pytest
 import torch
 import torch._dynamo
+from tolerances import assert_close
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
+from variant_cases import example_configs
 
 import lorafx
 import lorafx.kernels.lowering
 from lorafx.models import tiny_llama
-from tests.tolerances import assert_close
-from tests.variant_cases import example_configs
 
 CONFIGS = example_configs()
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from tolerances import assert_close
 
 import lorafx
 from lorafx.models import tiny_llama
 from lorafx.passes.fuse_shrinks import fusing_backend
-from tests.tolerances import assert_close
 
 
 def _model():

@@ -5,9 +5,9 @@ Skipped without CUDA (tests/conftest.py). Reference: the composite run in float6
 
 import pytest
 import torch
+from tolerances import assert_close
 
 import lorafx
-from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
 

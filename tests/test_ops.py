@@ -3,9 +3,9 @@ against independent formulas written here (dense ΔW math, float64)."""
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from lorafx.kernels import ops
-from tests.tolerances import assert_close
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 

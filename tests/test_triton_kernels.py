@@ -38,8 +38,9 @@ def test_kernels_under_the_triton_interpreter():
 
 
 if INTERPRETED:
+    from tolerances import assert_close
+
     from lorafx.kernels import ops, triton_lora
-    from tests.tolerances import assert_close
 
     # fp16: inputs rounded to fp16, fp32 accumulation in both; the reference rounds h·B once more.
     KERNEL_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
