@@ -12,8 +12,10 @@ from lorafx.apply import (
     delete_adapter,
     iter_sites,
     set_adapter,
+    set_scale,
     step,
 )
+from lorafx.compiler import compile, compile_check  # lorafx kernels/compile (issue 4)
 from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
 from lorafx.merge import is_merged, merge, unmerge
@@ -46,6 +48,8 @@ __all__ = [
     "adapter_names",
     "apply",
     "build_report",
+    "compile",
+    "compile_check",
     "delete_adapter",
     "from_peft",
     "is_merged",
@@ -55,6 +59,7 @@ __all__ = [
     "register_variant",
     "save_adapter",
     "set_adapter",
+    "set_scale",
     "step",
     "to_peft",
     "unmerge",

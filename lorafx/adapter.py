@@ -27,7 +27,7 @@ class Lowered(NamedTuple):
     x: torch.Tensor  # adapter-path input, [..., d_in] (dropout applied in training)
     A: torch.Tensor  # [R, d_in]
     B: torch.Tensor  # [d_out, R]
-    scale: float
+    scale: float | torch.Tensor  # 0-dim tensor from Adapter.scale (a float would be a compile guard)
     gate: torch.Tensor | None = None  # [..., R]; None = no gate
     base: Callable | None = None  # replaces F.linear(x, W, b) for the frozen term (CE-LoRA's backward)
     h: torch.Tensor | None = None  # x_in Aᵉᵀ precomputed a cheaper, equal way ([..., R]; MoR's one shared shrink)
@@ -37,6 +37,10 @@ class Adapter(nn.Module):
     """One adapter at one site. A variant subclasses it and implements :meth:`lower`.
 
     Mergeable variants also get :meth:`delta_weight` for free from the lowering at eval, gate-free.
+
+    ``self.scale`` reads as a 0-dim fp32 tensor (a non-persistent buffer, so ``state_dict`` keys do
+    not change) and accepts a float on assignment. A Python float read inside ``forward`` becomes a
+    torch.compile guard (``scale == 2.0``), so changing it would recompile; a tensor is a graph input.
     """
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int, site: str):
@@ -45,6 +49,23 @@ class Adapter(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.site = site
+        self.register_buffer("scale_t", torch.ones((), dtype=torch.float32), persistent=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scale_t
+
+    @scale.setter
+    def scale(self, value: float | torch.Tensor) -> None:
+        with torch.no_grad():  # in place: the tensor compiled graphs read stays the same object
+            self.scale_t.fill_(float(value))
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(bf16) would round the scale too (16/12 -> 1.3359 in bf16): keep it fp32.
+        out = super()._apply(fn, recurse)
+        if self.scale_t.dtype != torch.float32:
+            self.scale_t = self.scale_t.float()
+        return out
 
     def lower(self, x: torch.Tensor) -> Lowered:
         raise NotImplementedError
@@ -83,13 +104,43 @@ class SiteAdapters(nn.Module):
         self.out_features = out_features
         self.fan_in_fan_out = fan_in_fan_out  # weight stored [d_in, d_out] (transformers Conv1D)
         self.adapters = nn.ModuleDict()
-        self.active: str | None = None
-        self.merged: str | None = None  # name of the adapter folded into the base weight
+        self.__dict__["_active"] = None
+        self.__dict__["_merged"] = None
+        self.__dict__["_slot"] = None
+
+    # torch.compile guards on what ``forward`` reads. Reading the name ``active`` (a str) guards on its
+    # value, so every switch recompiled. ``forward`` reads only ``_slot``, the active adapter module
+    # kept outside ``_modules`` (no duplicate state_dict keys); Dynamo guards its *type* only and
+    # lifts its parameters as graph inputs, so switching between adapters of one variant is free.
+    @property
+    def active(self) -> str | None:
+        """Name of the active adapter at this site (None: disabled)."""
+        return self._active
+
+    @active.setter
+    def active(self, name: str | None) -> None:
+        self.__dict__["_active"] = name
+        self._update_slot()
+
+    @property
+    def merged(self) -> str | None:
+        """Name of the adapter folded into the base weight, or None."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, name: str | None) -> None:
+        self.__dict__["_merged"] = name
+        self._update_slot()
+
+    def _update_slot(self) -> None:
+        on = self._active is not None and self._merged is None and self._active in self.adapters
+        self.__dict__["_slot"] = self.adapters[self._active] if on else None
 
     def forward(self, x: torch.Tensor) -> Lowered | None:
-        if self.active is None or self.merged is not None:
+        adapter = self._slot
+        if adapter is None:  # disabled or merged
             return None
-        return self.adapters[self.active].lower(x)
+        return adapter.lower(x)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, active={self.active!r}, merged={self.merged!r}"

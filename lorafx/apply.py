@@ -279,6 +279,23 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     data.active = name
 
 
+def set_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
+    """Set the scale ``s`` of adapter ``name`` (default: the active one) at every site, in place.
+
+    The scale is a 0-dim tensor (``Adapter.scale``), so a compiled model does not recompile. Merged
+    adapters must be unmerged first (their ΔW is already in the weights).
+    """
+    data = info(model)
+    name = data.active if name is None else name
+    if name not in data.specs:
+        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
+    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    if any(sa.merged == name for sa in sites):
+        raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before changing its scale")
+    for sa in sites:
+        sa.adapters[name].scale = scale
+
+
 def active_adapter(model: nn.Module) -> str | None:
     """Name of the active adapter (None when disabled)."""
     return info(model).active

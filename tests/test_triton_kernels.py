@@ -1,0 +1,154 @@
+"""Triton kernels vs the reference composite, run by the Triton interpreter on CPU.
+
+``TRITON_INTERPRET=1`` must be set before ``import triton`` and must not leak into other tests, so a
+normal run executes this file again in a subprocess with the variable set; the tests below only run
+there. Reference: the ``lorafx::`` composites (:mod:`lorafx.kernels.ops`) in float64 / the same dtype.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher; the kernel tests run in its subprocess")
+def test_kernels_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+        "-k",
+        "not under_the_triton",
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+if INTERPRETED:
+    from tolerances import assert_close
+
+    from lorafx.kernels import ops, triton_lora
+
+    # fp16: inputs rounded to fp16, fp32 accumulation in both; the reference rounds h·B once more.
+    KERNEL_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+    SHAPES = [(1, 17, 19), (37, 23, 33), (20, 40, 9)]  # (M, K, N): none a multiple of 16
+
+    def _data(M, K, N, r, dtype, gate, seed=0, bias=True):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(M, K, generator=g).to(dtype)
+        W, b = (torch.randn(N, K, generator=g) / K**0.5).to(dtype), torch.randn(N, generator=g).to(dtype)
+        A, B = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g) / r**0.5
+        s = torch.tensor(0.75)
+        gt = torch.rand(M, r, generator=g) if gate else None
+        return x, W, b if bias else None, A, B, s, gt
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("r", [1, 8, 16, 64])
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_forward_matches_reference(shape, r, dtype):
+        for gate in (False, True):
+            args = _data(*shape, r, dtype, gate, bias=gate)
+            want = ops._expand_ref(*args[:3], ops._shrink(args[0], args[3]), *args[4:])
+            assert_close(triton_lora.lora_linear(*args), want, **KERNEL_TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("r", [1, 16, 64])
+    @pytest.mark.parametrize("dropout", [False, True])
+    def test_backward_matches_reference(dtype, r, dropout):
+        x, W, b, A, B, s, g = _data(37, 23, 33, r, dtype, gate=True, seed=r)
+        x_in = (x * 0.5) if dropout else None
+        dy = torch.randn(37, 33, generator=torch.Generator().manual_seed(5)).to(dtype)
+        got = triton_lora.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
+        want = ops.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
+        for name, a, w in zip(("dx", "d_xin", "dA", "dB", "dg"), got, want, strict=True):
+            assert a.shape == w.shape and a.dtype == w.dtype, name
+            assert_close(a.float(), w.float(), **KERNEL_TOL[dtype], msg=name)
+
+    def test_expand_matches_reference():
+        x, W, b, A, B, s, g = _data(21, 18, 35, 8, torch.float32, gate=True)
+        h = x @ A.T
+        assert_close(
+            triton_lora.lora_expand(x, W, b, h, B, s, g),
+            ops.lora_expand(x, W, b, h, B, s, g),
+            **KERNEL_TOL[torch.float32],
+        )
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_multi_adapter_uneven_rows(dtype):
+        gen = torch.Generator().manual_seed(3)
+        n, r, K, N = 3, 8, 21, 27
+        idx = torch.tensor([0] * 5 + [1] * 1 + [2] * 11 + [-1] * 4)[torch.randperm(21, generator=gen)]
+        x = torch.randn(21, K, generator=gen).to(dtype)
+        W, b = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype), torch.randn(N, generator=gen).to(dtype)
+        A, B = torch.randn(n, r, K, generator=gen) / K**0.5, torch.randn(n, N, r, generator=gen) / r**0.5
+        s = torch.tensor([0.5, 2.0, 1.0])
+        assert_close(
+            triton_lora.lora_linear_multi(x, W, b, A, B, s, idx),
+            ops.lora_linear_multi(x, W, b, A, B, s, idx),
+            **KERNEL_TOL[dtype],
+        )
+        dy = torch.randn(21, N, generator=gen).to(dtype)
+        xr = x.float().requires_grad_()
+        ops.lora_linear_multi(xr, W.float(), b.float(), A, B, s, idx).backward(dy.float())
+        assert_close(triton_lora.lora_linear_multi_dx(dy, W, A, B, s, idx).float(), xr.grad, **KERNEL_TOL[dtype])
+
+    # ---- compile integration: an opaque custom op that launches the interpreted kernel ----------
+
+    @torch.library.custom_op("lorafx_test::lora_linear_interp", mutates_args=())
+    def lora_linear_interp(
+        x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor
+    ) -> torch.Tensor:
+        return triton_lora.lora_linear(x, W, b, A, B, s)
+
+    @lora_linear_interp.register_fake
+    def _(x, W, b, A, B, s):
+        return x.new_empty((*x.shape[:-1], W.shape[0]))
+
+    def test_compiled_kernel_path_matches_eager():
+        import torch._dynamo
+
+        x, W, b, A, B, s, _ = _data(13, 24, 20, 8, torch.float32, gate=False)
+
+        def block(x):
+            h = torch.relu(lora_linear_interp(x, W, b, A, B, s))
+            return lora_linear_interp(h, W[:, :20], b, A[:, :20], B, s).sum(-1)
+
+        torch._dynamo.reset()
+        graphs = []
+
+        def count(gm, example_inputs):
+            graphs.append(gm)
+            return torch._inductor.compile(gm, example_inputs)
+
+        compiled = torch.compile(block, fullgraph=True, backend=count)
+        assert_close(compiled(x), block(x))
+        calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.lorafx_test.lora_linear_interp.default]
+        assert len(calls) == 2  # the kernel op is in the graph, once per site, no graph break
+        torch._dynamo.reset()
+
+    def test_triton_op_runs_the_kernels_with_the_op_autograd():
+        """``lorafx::lora_linear_triton`` (the inductor-visible form on GPU), eagerly on CPU tensors."""
+        from lorafx.kernels import ops as ops_module
+
+        triton_lora.register_cuda_kernels(ops_module)  # what ops does at import on a CUDA machine
+        x, W, b, A, B, s, g = _data(19, 21, 23, 8, torch.float32, gate=True)
+        x, A, B = x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+        y = torch.ops.lorafx.lora_linear_triton(x, W, b, A, B, s, g)
+        want = ops.lora_linear(x, W, b, A, B, s, g)
+        assert_close(y, want, **KERNEL_TOL[torch.float32])
+        dy = torch.randn_like(y)
+        for a, w in zip(torch.autograd.grad(y, (x, A, B), dy), torch.autograd.grad(want, (x, A, B), dy), strict=True):
+            assert_close(a, w, **KERNEL_TOL[torch.float32])
