@@ -50,6 +50,7 @@ class Adapter(nn.Module):
         self.out_features = out_features
         self.site = site
         self.register_buffer("scale_t", torch.ones((), dtype=torch.float32), persistent=False)
+        self._scale_value = 1.0  # exact value, to refill scale_t after a dtype change
 
     @property
     def scale(self) -> torch.Tensor:
@@ -57,14 +58,17 @@ class Adapter(nn.Module):
 
     @scale.setter
     def scale(self, value: float | torch.Tensor) -> None:
+        self._scale_value = float(value)
         with torch.no_grad():  # in place: the tensor compiled graphs read stays the same object
-            self.scale_t.fill_(float(value))
+            self.scale_t.fill_(self._scale_value)
 
     def _apply(self, fn, recurse=True):
-        # .half()/.to(bf16) would round the scale too (16/12 -> 1.3359 in bf16): keep it fp32.
+        # .half()/.to(bf16) would round the scale too (16/12 -> 1.3359 in bf16): keep it fp32, or fp64
+        # for an fp64 model, refilled from the exact Python value (fp32 16/√7 is off by 1.5e-6 relative).
         out = super()._apply(fn, recurse)
-        if self.scale_t.dtype != torch.float32:
-            self.scale_t = self.scale_t.float()
+        dtype = torch.float64 if self.scale_t.dtype == torch.float64 else torch.float32
+        if self.scale_t.dtype != dtype or dtype == torch.float64:
+            self.scale_t = torch.full((), self._scale_value, dtype=dtype, device=self.scale_t.device)
         return out
 
     def lower(self, x: torch.Tensor) -> Lowered:

@@ -1,7 +1,7 @@
 """Adapter files: ``lorafx_adapter.safetensors`` + ``lorafx_adapter.json`` in one directory.
 
 Tensors are keyed ``<site FQN>.<adapter state key>`` (e.g. ``model.layers.0.mlp.up_proj.lora_A``),
-shared state ``lorafx_shared.<name>__<variant>.<key>``. The JSON holds the spec, the adapter name and
+shared state ``lorafx_shared.<variant>.<key>`` (no adapter name, so a file loads under any name). The JSON holds the spec, the adapter name and
 a fingerprint of the base model (each adapted site's shape). Loading is strict and transactional:
 every key, shape and dtype kind is checked against what the spec builds on this model *before* the
 model is touched, and any mismatch is an :class:`AdapterFileError` naming the keys — a partial load
@@ -37,7 +37,7 @@ def _modules_of(model: nn.Module, name: str) -> dict[str, nn.Module]:
     mods = {sa.site: sa.adapters[name] for sa in iter_sites(model).values() if name in sa.adapters}
     shared = getattr(model, "lorafx_shared", None)
     if shared is not None:
-        mods.update({f"lorafx_shared.{k}": m for k, m in shared.items() if k.split("__")[0] == name})
+        mods.update({f"lorafx_shared.{k.split('__', 1)[1]}": m for k, m in shared.items() if k.split("__")[0] == name})
     return mods
 
 

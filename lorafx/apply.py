@@ -164,7 +164,8 @@ class Prepared:
 
     def state_modules(self) -> dict[str, nn.Module]:
         """Adapter-file prefix -> module, the layout :mod:`lorafx.adapter_files` saves and loads."""
-        return {**self.adapters, **{f"{SHARED}.{k}": m for k, m in self.shared.items()}}
+        # shared keys are "<name>__<variant>"; files drop the name so they load under any name
+        return {**self.adapters, **{f"{SHARED}.{k.split('__', 1)[1]}": m for k, m in self.shared.items()}}
 
 
 def prepare(model: nn.Module, spec: Spec, name: str = "default") -> Prepared:
