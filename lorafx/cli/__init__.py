@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorafx.cli import demo_cmd
+from lorafx.cli import demo_cmd, export_cmd
 
-_COMMANDS = [demo_cmd]
+_COMMANDS = [demo_cmd, export_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

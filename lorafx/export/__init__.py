@@ -9,9 +9,9 @@ the functions that need them (install ``lorafx[onnx]``).
 * :func:`check_onnx` — export, run onnxruntime, return the max abs difference against eager.
 """
 
-from lorafx.export.check import check_onnx
+from lorafx.export.check import check_onnx, compare_export
 from lorafx.export.exporter import MODES, ExportResult, to_onnx
 from lorafx.export.session import AdapterSession
 from lorafx.export.tensors import form_of, lower_from, site_tensors
 
-__all__ = ["MODES", "AdapterSession", "ExportResult", "check_onnx", "form_of", "lower_from", "site_tensors", "to_onnx"]
+__all__ = ["MODES", "AdapterSession", "ExportResult", "check_onnx", "compare_export", "form_of", "lower_from", "site_tensors", "to_onnx"]

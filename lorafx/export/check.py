@@ -19,27 +19,37 @@ def check_onnx(model: nn.Module, example_inputs, mode: str = "merged", adapters:
     ``merged`` compares the active adapter; ``unmerged`` every exported adapter in turn through one
     session; ``multi`` a batch whose rows cycle through the exported adapters, each row against
     eager with that row's adapter.
+
+    Example:
+        >>> lorafx.export.check_onnx(model, {"input_ids": ids}, "unmerged")  # e.g. 2.4e-07
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        to_onnx(model, example_inputs, tmp, mode=mode, adapters=adapters)
+        return compare_export(model, example_inputs, tmp)
+
+
+def compare_export(model: nn.Module, example_inputs, directory) -> float:
+    """Max abs difference between the export in ``directory`` (run by onnxruntime) and eager ``model``."""
     from lorafx.export.session import AdapterSession
 
     keys, values, as_kwargs = _normalise_inputs(example_inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = to_onnx(model, example_inputs, tmp, mode=mode, adapters=adapters)
-        sess = AdapterSession(tmp)
-        feed = dict(zip(keys, values))
-        if mode == "merged":
-            return _diff(sess.run(feed), _eager(model, keys, values, as_kwargs, None, keep=True))
-        names = list(res.manifest["adapters"])
-        if mode == "unmerged":
-            return max(_diff(sess.run(feed, adapter=n), _eager(model, keys, values, as_kwargs, n)) for n in names)
-        rows = [names[i % len(names)] for i in range(values[0].shape[0])]
-        got = sess.run(feed, adapter=rows)
-        worst = 0.0
-        for n in names:
-            idx = [i for i, r in enumerate(rows) if r == n]
-            want = _eager(model, keys, values, as_kwargs, n)
-            worst = max(worst, _diff({k: v[idx] for k, v in got.items()}, {k: v[idx] for k, v in want.items()}))
-        return worst
+    sess = AdapterSession(directory)
+    feed = dict(zip(keys, values))
+    if sess.mode == "merged":
+        return _diff(sess.run(feed), _eager(model, keys, values, as_kwargs, None, keep=True))
+    names = list(sess.manifest["adapters"])
+    if sess.mode == "unmerged":
+        return max(_diff(sess.run(feed, adapter=n), _eager(model, keys, values, as_kwargs, n)) for n in names)
+    rows = [names[i % len(names)] for i in range(values[0].shape[0])]
+    got = sess.run(feed, adapter=rows)
+    worst = 0.0
+    for n in names:
+        idx = [i for i, r in enumerate(rows) if r == n]
+        if not idx:
+            continue  # more slots than rows
+        want = _eager(model, keys, values, as_kwargs, n)
+        worst = max(worst, _diff({k: v[idx] for k, v in got.items()}, {k: v[idx] for k, v in want.items()}))
+    return worst
 
 
 @torch.no_grad()
