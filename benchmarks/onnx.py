@@ -88,10 +88,22 @@ def run(cfg: dict, batch: int, seq: int, r: int, k: int, repeat: int) -> dict:
             "merged": lambda: sess["merged"].run(feed),
             "unmerged": lambda: sess["unmerged"].run(feed, adapter="a0"),
             f"multi (K={k}, mixed rows)": lambda: sess["multi"].run(feed, adapter=rows),
-            f"{k} separate sessions": lambda: [s.run({"input_ids": feed["input_ids"][i]}) for s, i in zip(separate, idx)],
+            f"{k} separate sessions": lambda: [
+                s.run({"input_ids": feed["input_ids"][i]}) for s, i in zip(separate, idx, strict=False)
+            ],
         }
         res = median_ms(fns, repeat)
-    return {"config": cfg, "batch": batch, "seq": seq, "r": r, "K": k, "repeat": repeat, "export_s": round(export_s, 1), "added_flop_ratio": added_flop_ratio(base, model, r), "median_ms": res}
+    return {
+        "config": cfg,
+        "batch": batch,
+        "seq": seq,
+        "r": r,
+        "K": k,
+        "repeat": repeat,
+        "export_s": round(export_s, 1),
+        "added_flop_ratio": added_flop_ratio(base, model, r),
+        "median_ms": res,
+    }
 
 
 def to_markdown(out: dict) -> str:

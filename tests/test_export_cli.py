@@ -25,7 +25,26 @@ def test_help_documents_modes_and_examples_parse(capsys):
 
 def test_export_mlp_unmerged_then_serve(tmp_path, capsys):
     out = tmp_path / "mlp"
-    assert main(["export", "demo:mlp", "--mode", "unmerged", "--variant", "lora", "--r", "4", "--targets", "up,mid", "--out", str(out), "--check"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "demo:mlp",
+                "--mode",
+                "unmerged",
+                "--variant",
+                "lora",
+                "--r",
+                "4",
+                "--targets",
+                "up,mid",
+                "--out",
+                str(out),
+                "--check",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     diff = float(printed.rsplit(":", 1)[1])
     assert diff <= 1e-4

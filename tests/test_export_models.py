@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -17,7 +16,9 @@ TINY = dict(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
 
 def _llama(r: int = 4):
     torch.manual_seed(0)
-    model = lorafx.apply(tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=r, init="random"), targets=["q_proj", "v_proj", "up_proj"]))
+    model = lorafx.apply(
+        tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=r, init="random"), targets=["q_proj", "v_proj", "up_proj"])
+    )
     return model.eval()
 
 
@@ -40,7 +41,9 @@ def test_llama_swaps_a_saved_lower_rank_adapter_without_reexport(tmp_path):
     sess = AdapterSession(tmp_path / "onnx")
     # another adapter of rank 2 on other sites (a subset), trained elsewhere and saved with lorafx
     torch.manual_seed(1)
-    other = lorafx.apply(tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=2, alpha=5, init="random"), targets=["q_proj", "up_proj"]))
+    other = lorafx.apply(
+        tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=2, alpha=5, init="random"), targets=["q_proj", "up_proj"])
+    )
     lorafx.save_adapter(other, tmp_path / "r2")
     assert sess.load_adapter(tmp_path / "r2", name="r2") == "r2"
     ids2 = {"input_ids": torch.randint(0, 64, (4, 7))}
@@ -83,7 +86,9 @@ def test_gpt2_conv1d_unmerged(tmp_path):
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64, use_cache=False)
-    model = lorafx.apply(GPT2LMHeadModel(cfg).eval(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["c_attn", "c_fc"]))
+    model = lorafx.apply(
+        GPT2LMHeadModel(cfg).eval(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["c_attn", "c_fc"])
+    )
     model = lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["c_attn"]), name="b")
     ids = {"input_ids": torch.randint(0, 64, (2, 6))}
     assert check_onnx(model.eval(), ids, "unmerged") <= ONNX_FP32["atol"]

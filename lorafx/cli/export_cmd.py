@@ -37,9 +37,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model source: demo:tiny-llama, demo:mlp, demo:minilm or demo:bench-llama")
-    p.add_argument("--mode", choices=["merged", "unmerged", "multi"], default="unmerged", help="export mode (default unmerged; see above)")
+    p.add_argument(
+        "--mode",
+        choices=["merged", "unmerged", "multi"],
+        default="unmerged",
+        help="export mode (default unmerged; see above)",
+    )
     p.add_argument("--out", required=True, help="output directory (model.onnx, lorafx_export.json, adapters/)")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR", help="a lorafx.save_adapter directory to load (repeatable)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a lorafx.save_adapter directory to load (repeatable)",
+    )
     p.add_argument("--spec", metavar="FILE", help="a lorafx spec JSON file (lorafx.Spec.to_json)")
     p.add_argument("--variant", help="variant name for a spec built from flags, e.g. lora")
     p.add_argument("--r", type=int, help="rank for --variant")
@@ -49,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, help="export width R (>= the adapters' ranks) to serve larger adapters later")
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
     p.add_argument("--seq", type=int, default=8, help="example sequence length for token models")
-    p.add_argument("--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager")
+    p.add_argument(
+        "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
+    )
     p.set_defaults(func=run)
 
 
@@ -76,10 +89,14 @@ def run(args: argparse.Namespace) -> int:
         raise lorafx.SpecError("no adapters: pass --adapter DIR, --spec FILE or --variant NAME")
     lorafx.set_adapter(model, names[0]) if names else None
     inputs = example_inputs(model, args.batch, args.seq)
-    res = to_onnx(model, inputs, args.out, mode=args.mode, adapters=names if args.mode != "merged" else None, rank=args.rank)
+    res = to_onnx(
+        model, inputs, args.out, mode=args.mode, adapters=names if args.mode != "merged" else None, rank=args.rank
+    )
     m = res.manifest
     print(f"wrote {res.onnx_path} ({args.mode}; inputs {[i['name'] for i in m['inputs']]}, outputs {m['outputs']})")
-    print(f"  {len(lorafx.iter_sites(model))} adapted sites, adapters: {list(m.get('adapters', {})) or m.get('merged_adapter')}")
+    print(
+        f"  {len(lorafx.iter_sites(model))} adapted sites, adapters: {list(m.get('adapters', {})) or m.get('merged_adapter')}"
+    )
     if args.check:
         print(f"  max abs diff onnxruntime vs eager: {compare_export(model, inputs, args.out):.2e}")
     return 0

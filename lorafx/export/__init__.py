@@ -14,4 +14,14 @@ from lorafx.export.exporter import MODES, ExportResult, to_onnx
 from lorafx.export.session import AdapterSession
 from lorafx.export.tensors import form_of, lower_from, site_tensors
 
-__all__ = ["MODES", "AdapterSession", "ExportResult", "check_onnx", "compare_export", "form_of", "lower_from", "site_tensors", "to_onnx"]
+__all__ = [
+    "MODES",
+    "AdapterSession",
+    "ExportResult",
+    "check_onnx",
+    "compare_export",
+    "form_of",
+    "lower_from",
+    "site_tensors",
+    "to_onnx",
+]

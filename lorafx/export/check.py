@@ -34,7 +34,7 @@ def compare_export(model: nn.Module, example_inputs, directory) -> float:
 
     keys, values, as_kwargs = _normalise_inputs(example_inputs)
     sess = AdapterSession(directory)
-    feed = dict(zip(keys, values))
+    feed = dict(zip(keys, values, strict=False))
     if sess.mode == "merged":
         return _diff(sess.run(feed), _eager(model, keys, values, as_kwargs, None, keep=True))
     names = list(sess.manifest["adapters"])
@@ -61,12 +61,12 @@ def _eager(model, keys, values, as_kwargs, name, keep: bool = False) -> dict[str
         set_adapter(model, name)
     try:
         with eval_mode(model):
-            out = model(**dict(zip(keys, values))) if as_kwargs else model(*values)
+            out = model(**dict(zip(keys, values, strict=False))) if as_kwargs else model(*values)
     finally:
         if not keep and data is not None and not any(sa.merged for sa in iter_sites(model).values()):
             set_adapter(model, previous)
     names, tensors = _flatten_output(out)
-    return {n: t.numpy() for n, t in zip(names, tensors)}
+    return {n: t.numpy() for n, t in zip(names, tensors, strict=False)}
 
 
 def _diff(got: dict, want: dict) -> float:

@@ -48,7 +48,17 @@ class ExportResult:
     manifest: dict
 
 
-def to_onnx(model: nn.Module, example_inputs, path, mode: str = "merged", *, adapters: list[str] | None = None, rank: int | None = None, dynamic: bool = True, opset: int | None = None) -> ExportResult:
+def to_onnx(
+    model: nn.Module,
+    example_inputs,
+    path,
+    mode: str = "merged",
+    *,
+    adapters: list[str] | None = None,
+    rank: int | None = None,
+    dynamic: bool = True,
+    opset: int | None = None,
+) -> ExportResult:
     """Export ``model`` to ONNX in ``path`` (a directory: ``model.onnx`` + ``lorafx_export.json``).
 
     Args:
@@ -94,8 +104,10 @@ def _normalise_inputs(example_inputs) -> tuple[list[str], list[torch.Tensor], bo
         values, kw = list(example_inputs), False
         keys = ["input"] if len(values) == 1 else [f"input_{i}" for i in range(len(values))]
     else:
-        raise ExportError(f"example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example_inputs).__name__}")
-    bad = [k for k, v in zip(keys, values) if not isinstance(v, torch.Tensor)]
+        raise ExportError(
+            f"example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example_inputs).__name__}"
+        )
+    bad = [k for k, v in zip(keys, values, strict=False) if not isinstance(v, torch.Tensor)]
     if bad:
         raise ExportError(f"example inputs {bad} are not tensors")
     return keys, values, kw
@@ -111,10 +123,10 @@ class _Wrapper(nn.Module):
 
     def forward(self, *flat):
         n = len(self.keys)
-        self.state["feed"] = dict(zip(self.fed, flat[n:]))
+        self.state["feed"] = dict(zip(self.fed, flat[n:], strict=False))
         try:
             inputs = flat[:n]
-            out = self.model(**dict(zip(self.keys, inputs))) if self.as_kwargs else self.model(*inputs)
+            out = self.model(**dict(zip(self.keys, inputs, strict=False))) if self.as_kwargs else self.model(*inputs)
         finally:
             self.state.pop("feed", None)
         names, tensors = _flatten_output(out)
@@ -152,20 +164,32 @@ def _dynamic_shapes(values: list[torch.Tensor], dynamic: bool, extra: int, ids: 
 
 def _input_meta(keys, values, dyn) -> list[dict]:
     out = []
-    for k, v, d in zip(keys, values, dyn):
+    for k, v, d in zip(keys, values, dyn, strict=False):
         shape = [(d or {}).get(i).__name__ if (d or {}).get(i) is not None else int(s) for i, s in enumerate(v.shape)]
         out.append({"name": k, "dtype": str(v.dtype).removeprefix("torch."), "shape": shape})
     return out
 
 
-def run_exporter(wrapper: nn.Module, args: tuple, names: list[str], out_names: list[str], dyn, onnx_path: Path, opset: int | None) -> None:
+def run_exporter(
+    wrapper: nn.Module, args: tuple, names: list[str], out_names: list[str], dyn, onnx_path: Path, opset: int | None
+) -> None:
     """``torch.onnx.export`` (dynamo, not optimised), drop unused initializers, save."""
     from onnx_ir.passes.common.unused_removal import RemoveUnusedNodesPass
 
     kw = {} if opset is None else {"opset_version": opset}
     wrapper.eval()
     with _quiet():
-        prog = torch.onnx.export(wrapper, args, dynamo=True, optimize=False, input_names=names, output_names=out_names, dynamic_shapes=(dyn,), verbose=False, **kw)
+        prog = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            optimize=False,
+            input_names=names,
+            output_names=out_names,
+            dynamic_shapes=(dyn,),
+            verbose=False,
+            **kw,
+        )
     RemoveUnusedNodesPass()(prog.model)
     prog.save(str(onnx_path))
 

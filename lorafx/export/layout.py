@@ -46,7 +46,14 @@ class SiteLayout:
         return f"{self.site}.{key}"
 
     def to_dict(self) -> dict:
-        return {"site": self.site, "form": self.form, "variant": self.variant, "d_in": self.d_in, "d_out": self.d_out, "tensors": {self.name(k): {"key": k, "shape": s, "dtype": "float32"} for k, s in self.shapes.items()}}
+        return {
+            "site": self.site,
+            "form": self.form,
+            "variant": self.variant,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "tensors": {self.name(k): {"key": k, "shape": s, "dtype": "float32"} for k, s in self.shapes.items()},
+        }
 
     @staticmethod
     def from_dict(d: dict) -> SiteLayout:
@@ -76,7 +83,9 @@ def _site_layout(site: str, present: list[Adapter], tensors: list[dict], rank: i
         return SiteLayout(site, "canonical", "+".join(variants), a0.in_features, a0.out_features, shapes, a0)
     keys = {tuple(sorted(t)) for t in tensors}
     if len(forms) > 1 or len(variants) > 1 or len(keys) > 1:
-        raise ExportError(f"site {site!r}: adapters of variants {variants} (forms {sorted(forms)}) cannot share one exported graph; export them separately")
+        raise ExportError(
+            f"site {site!r}: adapters of variants {variants} (forms {sorted(forms)}) cannot share one exported graph; export them separately"
+        )
     shapes = {k: [max(t[k].shape[i] for t in tensors) for i in range(tensors[0][k].dim())] for k in tensors[0]}
     return SiteLayout(site, form_of(a0), variants[0], a0.in_features, a0.out_features, shapes, a0)
 
@@ -86,7 +95,9 @@ def make_feed(layout: list[SiteLayout], tensors: dict[str, torch.Tensor], source
     known = {sl.name(k) for sl in layout for k in sl.shapes}
     extra = sorted(set(tensors) - known)
     if extra:
-        raise AdapterFileError(f"{source}: tensors {extra[:6]} match no site of the exported graph (exported sites: {[sl.site for sl in layout][:6]}...)")
+        raise AdapterFileError(
+            f"{source}: tensors {extra[:6]} match no site of the exported graph (exported sites: {[sl.site for sl in layout][:6]}...)"
+        )
     feed = {}
     for sl in layout:
         names = [sl.name(k) for k in sl.shapes]
@@ -114,7 +125,11 @@ def write_export_adapter(directory: Path, name: str, tensors: dict[str, torch.Te
 
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / EXPORT_WEIGHTS))
-    (directory / EXPORT_CONFIG).write_text(json.dumps({"format": "lorafx.export_adapter", "format_version": 1, "name": name, **info}, indent=2, sort_keys=True))
+    (directory / EXPORT_CONFIG).write_text(
+        json.dumps(
+            {"format": "lorafx.export_adapter", "format_version": 1, "name": name, **info}, indent=2, sort_keys=True
+        )
+    )
 
 
 def read_any_adapter(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
@@ -142,7 +157,9 @@ def _from_lorafx_dir(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
         sites = meta["base"]["sites"]
         adapters = {fqn: spec.config_for(fqn)[0].make_adapter(d_in, d_out, fqn) for fqn, (d_out, d_in) in sites.items()}
     except (KeyError, TypeError, ValueError, SpecError) as e:
-        raise AdapterFileError(f"{directory}: cannot rebuild the adapter from its JSON ({type(e).__name__}: {e})") from None
+        raise AdapterFileError(
+            f"{directory}: cannot rebuild the adapter from its JSON ({type(e).__name__}: {e})"
+        ) from None
     modules: dict[str, nn.Module] = dict(adapters)
     groups = defaultdict(dict)
     for fqn, a in adapters.items():

@@ -28,7 +28,9 @@ from lorafx.kernels.reference import lora_linear
 from lorafx.regions import is_region
 
 
-def export_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: Lowered | None) -> torch.Tensor:
+def export_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: Lowered | None
+) -> torch.Tensor:
     """``x Wᵀ + b + ((x_in Aᵀ) ⊙ g · s) Bᵀ`` in plain ops that export to standard ONNX.
 
     ``low.scale`` is a tensor: ``[1]`` for one adapter, ``[b]`` per row when ``A`` is ``[b, R, d_in]``.

@@ -45,7 +45,9 @@ class AdapterSession:
         self.manifest = json.loads(path.read_text())
         self.mode = self.manifest["mode"]
         self.layout = [SiteLayout.from_dict(d) for d in self.manifest["sites"]]
-        self.session = ort.InferenceSession(str(self.directory / self.manifest["model"]), sess_options, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.directory / self.manifest["model"]), sess_options, providers=providers or ["CPUExecutionProvider"]
+        )
         self.output_names = list(self.manifest["outputs"])
         self.slots = self.manifest.get("multi", {}).get("slots", 1)
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -61,7 +63,9 @@ class AdapterSession:
         layout is an :class:`~lorafx.errors.AdapterFileError` naming the site and tensor.
         """
         if self.mode == "merged":
-            raise ExportError(f"{self.directory}: a merged export has its adapter folded in; export mode='unmerged' to swap adapters")
+            raise ExportError(
+                f"{self.directory}: a merged export has its adapter folded in; export mode='unmerged' to swap adapters"
+            )
         file_name, tensors = read_any_adapter(directory)
         name = name or file_name
         feed = make_feed(self.layout, tensors, str(directory))
@@ -88,7 +92,7 @@ class AdapterSession:
             if len(per_row) != rows:
                 raise ExportError(f"adapter list has {len(per_row)} names for a batch of {rows} rows")
             feed.update(self._multi_feed(per_row))
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=False))
 
     def _adapter(self, name: str | None) -> dict[str, np.ndarray]:
         if name is None:
@@ -104,7 +108,7 @@ class AdapterSession:
             idx = np.array([i for i, n in enumerate(per_row) if n == name])
             sub = {k: v[idx] for k, v in feed.items()}
             sub.update(self._adapter(name))
-            for out_name, arr in zip(self.output_names, self.session.run(self.output_names, sub)):
+            for out_name, arr in zip(self.output_names, self.session.run(self.output_names, sub), strict=False):
                 if out_name not in outs:
                     outs[out_name] = np.empty((len(per_row), *arr.shape[1:]), arr.dtype)
                 outs[out_name][idx] = arr
@@ -113,7 +117,9 @@ class AdapterSession:
     def _multi_feed(self, per_row: list) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(per_row))
         if len(wanted) > self.slots:
-            raise ExportError(f"batch asks for {len(wanted)} adapters {wanted}, but the graph was exported with {self.slots} slots")
+            raise ExportError(
+                f"batch asks for {len(wanted)} adapters {wanted}, but the graph was exported with {self.slots} slots"
+            )
         slots = tuple(wanted + [None] * (self.slots - len(wanted)))
         if slots not in self._stacked:
             parts = [self._adapter(n) for n in slots]

@@ -92,11 +92,13 @@ def pad_to(t: torch.Tensor, shape: list[int], where: str) -> torch.Tensor:
     Zero padding is exact for the rank axes of every lowering in lorafx: a zero row of A (or of MoR's
     shared A) makes its rank slot zero, whatever B, the gate or the scaling vectors hold there.
     """
-    if t.dim() != len(shape) or any(a > b for a, b in zip(t.shape, shape)):
-        raise AdapterFileError(f"{where}: shape {list(t.shape)} does not fit the exported shape {list(shape)} (each axis must be <= it)")
+    if t.dim() != len(shape) or any(a > b for a, b in zip(t.shape, shape, strict=False)):
+        raise AdapterFileError(
+            f"{where}: shape {list(t.shape)} does not fit the exported shape {list(shape)} (each axis must be <= it)"
+        )
     if list(t.shape) == list(shape):
         return t
     pad = []
-    for a, b in zip(reversed(t.shape), reversed(shape)):
+    for a, b in zip(reversed(t.shape), reversed(shape), strict=False):
         pad += [0, b - a]
     return torch.nn.functional.pad(t, pad)
