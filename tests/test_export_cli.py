@@ -63,3 +63,14 @@ def test_export_mlp_unmerged_then_serve(tmp_path, capsys):
 def test_unknown_model_source_is_a_clear_error(tmp_path, capsys):
     assert main(["export", "demo:nope", "--out", str(tmp_path)]) == 2
     assert "demo:tiny-llama" in capsys.readouterr().err
+
+
+def test_readme_serving_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "readme" / "onnx.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/readme/onnx.md", "exec"), {})
+    diff = float(capsys.readouterr().out.rsplit("=", 1)[1])
+    assert diff <= 1e-4

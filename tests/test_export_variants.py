@@ -46,6 +46,10 @@ def test_unmerged_and_multi_match_eager(variant, tmp_path):
     close(sess.run({"input": x}, adapter="default")["output"], a)
     close(sess.run({"input": x}, adapter="other")["output"], b)
     close(sess.run({"input": x2}, adapter="other")["output"], eager(model, x2, "other"))
+    # lorafx's own adapter directory, read without the model, feeds the same graph
+    lorafx.save_adapter(model, tmp_path / "saved", name="other")
+    sess.load_adapter(tmp_path / "saved", name="reloaded")
+    close(sess.run({"input": x}, adapter="reloaded")["output"], b)
 
     to_onnx(model, x, tmp_path / "m", mode="multi")
     multi = AdapterSession(tmp_path / "m")

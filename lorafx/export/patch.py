@@ -39,19 +39,20 @@ def export_linear(
     y = F.linear(x, weight, bias)
     if low is None:
         return y
-    xin = low.x
-    if low.A.dim() == 2:
-        h = F.linear(xin, low.A)
-        if low.gate is not None:
-            h = h * low.gate
-        return y + F.linear(h * low.scale, low.B)
-    rows = low.A.shape[0]
+    xin, A, B, scale = low.x, low.A.to(y.dtype), low.B.to(y.dtype), low.scale.to(y.dtype)  # fed fp32; no-op for fp32 models
+    gate = None if low.gate is None else low.gate.to(y.dtype)
+    if A.dim() == 2:
+        h = F.linear(xin, A)
+        if gate is not None:
+            h = h * gate
+        return y + F.linear(h * scale, B)
+    rows = A.shape[0]
     xr = xin.reshape(rows, -1, xin.shape[-1])
-    h = torch.matmul(xr, low.A.transpose(1, 2))  # [b, T, R]
-    if low.gate is not None:
-        h = h * low.gate.reshape(h.shape)
-    h = h * low.scale.reshape(rows, 1, 1)
-    return y + torch.matmul(h, low.B.transpose(1, 2)).reshape(y.shape)
+    h = torch.matmul(xr, A.transpose(1, 2))  # [b, T, R]
+    if gate is not None:
+        h = h * gate.reshape(h.shape)
+    h = h * scale.reshape(rows, 1, 1)
+    return y + torch.matmul(h, B.transpose(1, 2)).reshape(y.shape)
 
 
 def _regions(model: nn.Module) -> list[fx.GraphModule]:
