@@ -84,3 +84,10 @@ def test_gated_sites_export_their_router_as_graph_inputs(tmp_path):
     assert site["form"] == "params" and "up.router" in site["tensors"]
     assert "Softmax" in op_types(res.onnx_path)
     assert form_of(lorafx.iter_sites(model)["up"].adapters["default"]) == "params"
+
+
+def test_size_one_example_axis_is_a_clear_error(tmp_path):
+    from lorafx.errors import ExportError
+
+    with pytest.raises(ExportError, match="batch and sequence >= 2"):
+        to_onnx(tiny_mlp(), torch.randn(1, 32), tmp_path, mode="merged")

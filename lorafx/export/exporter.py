@@ -155,6 +155,12 @@ def _dynamic_shapes(values: list[torch.Tensor], dynamic: bool, extra: int, ids: 
             dims[0] = batch
             if v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point()):
                 dims[1] = seq  # token ids / masks [b, T], activations [b, T, d]
+        small = [i for i in dims if v.shape[i] < 2]
+        if small:
+            raise ExportError(
+                f"example input {len(specs)} has size {v.shape[small[0]]} on dynamic axis {small[0]}: torch.export fixes "
+                "axes of size 0 or 1, so use an example with batch and sequence >= 2 (or dynamic=False)"
+            )
         specs.append(dims or None)
     specs += [None] * extra
     if ids:
