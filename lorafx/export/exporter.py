@@ -326,7 +326,7 @@ def _multi_lowering(by_site: dict[str, SiteLayout], state: dict):
         if sl is None:
             return None
         ids = state["feed"][IDS]
-        rows = {k: state["feed"][sl.name(k)][ids] for k in sl.shapes}  # Gather: [b, ...] per row
+        rows = {k: state["feed"][sl.name(k)].index_select(0, ids) for k in sl.shapes}  # ONNX Gather: [b, ...]
         scale = rows.pop(SCALE).reshape(-1)
         if sl.form == "canonical":
             return Lowered(x, rows["A"], rows["B"], scale)
