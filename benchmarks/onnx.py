@@ -9,8 +9,10 @@ Rows (batch 8, CPU execution provider, median of ``--repeat`` runs after warm-up
 * merged — LoRA folded into W: the same graph, so ≈ 1.00×.
 * unmerged — adapter tensors fed as inputs: the added-FLOP ratio is printed beside it.
 * multi — one run of a batch whose 8 rows use K different adapters (Gather + batched MatMul).
-* K separate sessions — the same mixed batch served by one merged session per adapter, each running
-  its own rows (K runs of batch 8/K); K copies of the weights in memory.
+* unmerged, one run per adapter — the mixed batch on one unmerged session, split by adapter (K runs
+  of batch 8/K): what a server without per-row adapters does.
+* K separate sessions — one merged session per adapter (K copies of the weights in memory), each
+  running its own rows (K runs of batch 8/K), or each running the whole batch and keeping its rows.
 """
 
 from __future__ import annotations
@@ -79,19 +81,30 @@ def run(cfg: dict, batch: int, seq: int, r: int, k: int, repeat: int) -> dict:
         to_onnx(model, {"input_ids": ids}, tmp / "merged", mode="merged")
         to_onnx(model, {"input_ids": ids}, tmp / "unmerged", mode="unmerged", adapters=["a0"])
         to_onnx(model, {"input_ids": ids}, tmp / "multi", mode="multi", adapters=names)
+        to_onnx(model, {"input_ids": ids}, tmp / "unmerged_k", mode="unmerged", adapters=names)
         export_s = time.perf_counter() - t0
         sess = {m: AdapterSession(tmp / m) for m in ("base", "merged", "unmerged", "multi")}
+        sess["multi_as_unmerged"] = AdapterSession(tmp / "unmerged_k")
         separate = [AdapterSession(tmp / "merged") for _ in range(k)]  # one merged session per adapter
         idx = [np.array([j for j, n in enumerate(rows) if n == name]) for name in names]
+        whole = {"input_ids": feed["input_ids"]}
         fns = {
             "base": lambda: sess["base"].run(feed),
             "merged": lambda: sess["merged"].run(feed),
             "unmerged": lambda: sess["unmerged"].run(feed, adapter="a0"),
             f"multi (K={k}, mixed rows)": lambda: sess["multi"].run(feed, adapter=rows),
-            f"{k} separate sessions": lambda: [
-                s.run({"input_ids": feed["input_ids"][i]}) for s, i in zip(separate, idx, strict=False)
+            f"unmerged, one run per adapter ({k} × batch {batch // k})": lambda: sess["multi_as_unmerged"].run(
+                feed, adapter=rows
+            ),
+            f"{k} separate sessions, own rows ({k} × batch {batch // k})": lambda: [
+                s.run({"input_ids": feed["input_ids"][i]}) for s, i in zip(separate, idx, strict=True)
             ],
+            f"{k} separate sessions, whole batch each": lambda: [s.run(whole) for s in separate],
         }
+        mb = {m: _mb(tmp / m) for m in ("base", "merged", "unmerged", "multi")}
+        adapter_mb = _mb(tmp / "multi" / "adapters", "*/*.safetensors") / k
+        weights = [mb["base"], mb["merged"], mb["unmerged"] + adapter_mb, mb["multi"] + k * adapter_mb]
+        weights += [mb["unmerged"] + k * adapter_mb, k * mb["merged"], k * mb["merged"]]
         res = median_ms(fns, repeat)
     return {
         "config": cfg,
@@ -103,7 +116,13 @@ def run(cfg: dict, batch: int, seq: int, r: int, k: int, repeat: int) -> dict:
         "export_s": round(export_s, 1),
         "added_flop_ratio": added_flop_ratio(base, model, r),
         "median_ms": res,
+        "weights_mb": dict(zip(res, weights, strict=True)),
     }
+
+
+def _mb(directory: Path, pattern: str = "model.onnx*") -> float:
+    """Size in MB of the files matching ``pattern`` (the graph and its external data, or adapter files)."""
+    return sum(p.stat().st_size for p in directory.glob(pattern)) / 1e6
 
 
 def to_markdown(out: dict) -> str:
@@ -112,11 +131,11 @@ def to_markdown(out: dict) -> str:
     lines = [
         f"Llama hidden {c['hidden']}, {c['layers']} layers, intermediate {c['intermediate']}, vocab {c['vocab']}; batch {out['batch']} × seq {out['seq']}; LoRA r={out['r']} on {', '.join(TARGETS)}; onnxruntime CPU, median of {out['repeat']} runs.",
         "",
-        "| graph | median ms | vs base |",
-        "|---|---:|---:|",
+        "| graph | median ms | vs base | weights in memory, MB |",
+        "|---|---:|---:|---:|",
     ]
     for name, ms in out["median_ms"].items():
-        lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f}× |")
+        lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f}× | {out['weights_mb'][name]:.0f} |")
     lines += ["", f"Added FLOPs of the unmerged adapters: {out['added_flop_ratio'] * 100:.1f}% of the base linears."]
     return "\n".join(lines) + "\n"
 
