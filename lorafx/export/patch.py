@@ -48,11 +48,11 @@ def export_linear(
         return y + F.linear(h * scale, B)
     rows = A.shape[0]
     xr = xin.reshape(rows, -1, xin.shape[-1])
-    h = torch.matmul(xr, A.transpose(1, 2))  # [b, T, R]
+    h = torch.bmm(xr, A.transpose(1, 2))  # [b, T, R]; bmm exports to one MatMul, matmul adds Expand/Reshape
     if gate is not None:
         h = h * gate.reshape(h.shape)
     h = h * scale.reshape(rows, 1, 1)
-    return y + torch.matmul(h, B.transpose(1, 2)).reshape(y.shape)
+    return y + torch.bmm(h, B.transpose(1, 2)).reshape(y.shape)
 
 
 def _regions(model: nn.Module) -> list[fx.GraphModule]:
