@@ -74,3 +74,20 @@ def test_readme_serving_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(code, "docs/readme/onnx.md", "exec"), {})
     diff = float(capsys.readouterr().out.rsplit("=", 1)[1])
     assert diff <= 1e-4
+
+
+def test_export_saved_adapters_multi(tmp_path, capsys):
+    import lorafx
+    from lorafx.models import tiny_mlp
+
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = lorafx.apply(tiny_mlp(), lorafx.Spec(lorafx.LoRA(r=2 * seed, init="random"), targets=["up"]))
+        dirs.append(lorafx.save_adapter(m, tmp_path / f"a{seed}"))
+    argv = ["export", "demo:mlp", "--mode", "multi", "--out", str(tmp_path / "out"), "--check"]
+    assert main(argv + ["--adapter", str(dirs[0]), "--adapter", str(dirs[1])]) == 0
+    out = capsys.readouterr().out
+    assert "['default', 'default_1']" in out and float(out.rsplit(":", 1)[1]) <= 1e-4
+    manifest = json.loads((tmp_path / "out" / "lorafx_export.json").read_text())
+    assert manifest["sites"][0]["tensors"]["up.A"]["shape"] == [4, 32]  # the larger rank; rank 2 is padded

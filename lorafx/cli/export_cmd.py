@@ -75,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = load_model(args.model)
     names = []
-    for directory in args.adapter:
-        model = lorafx.load_adapter(model, directory)
-        names.append(lorafx.active_adapter(model))
+    for i, directory in enumerate(args.adapter):
+        name = _adapter_name(directory, names, i)
+        model = lorafx.load_adapter(model, directory, name=name, activate=not names)
+        names.append(name)
     spec = _spec(args)
     if spec is not None:
         count = args.slots if args.mode == "multi" and not names else 1
@@ -100,6 +101,18 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"  max abs diff onnxruntime vs eager: {compare_export(model, inputs, args.out):.2e}")
     return 0
+
+
+def _adapter_name(directory: str, taken: list[str], i: int) -> str:
+    """The name saved in the adapter's JSON, or ``<name>_<i>`` when an earlier --adapter took it."""
+    import json
+    from pathlib import Path
+
+    from lorafx.adapter_files import CONFIG
+
+    path = Path(directory) / CONFIG
+    name = json.loads(path.read_text()).get("name", "default") if path.is_file() else "default"
+    return name if name not in taken else f"{name}_{i}"
 
 
 def load_model(source: str):
