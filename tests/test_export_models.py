@@ -83,6 +83,10 @@ def test_llama_multi_rows_equal_single_adapter_results(tmp_path):
     sites = len(json.loads((tmp_path / "lorafx_export.json").read_text())["sites"])
     ops = op_types(tmp_path / "model.onnx")
     assert ops.count("Gather") >= 3 * sites + 1  # A, B, scale per site, plus the embedding
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert {n.domain for n in graph.graph.node} == {""} and not graph.functions  # standard ONNX operators only
 
 
 def test_gpt2_conv1d_unmerged(tmp_path):
