@@ -44,14 +44,16 @@ class _GatedAdapter(Adapter):
 
 
 def perturb(model: nn.Module, name: str, seed: int) -> None:
-    """Add noise to every floating parameter of adapter ``name`` so two adapters surely differ."""
+    """Add noise to every floating parameter of adapter ``name`` (sites and shared) so two adapters surely differ."""
     g = torch.Generator().manual_seed(seed)
+    modules = [sa.adapters[name] for sa in lorafx.iter_sites(model).values() if name in sa.adapters]
+    shared = getattr(model, "lorafx_shared", {})  # model-level state, e.g. Uni-LoRA's one vector
+    modules += [m for k, m in shared.items() if k.split("__")[0] == name]
     with torch.no_grad():
-        for sa in lorafx.iter_sites(model).values():
-            if name in sa.adapters:
-                for p in sa.adapters[name].parameters():
-                    if p.is_floating_point():
-                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for module in modules:
+            for p in module.parameters():
+                if p.is_floating_point():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @torch.no_grad()

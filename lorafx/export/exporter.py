@@ -337,12 +337,14 @@ def _multi_lowering(by_site: dict[str, SiteLayout], state: dict):
 
 def _vmapped(sl: SiteLayout, x: torch.Tensor, rows: dict[str, torch.Tensor], scale: torch.Tensor) -> Lowered:
     """Per-row lowering of a gated site: the variant's own ``lower`` vmapped over (tensors, x) rows."""
-    gated = []
+    fields: list[str] = []  # the tensor fields of the row's Lowered (A, B, and gate / h when present)
 
     def one(t, xr):
         low = lower_from(sl.template, xr, t)
-        gated.append(low.gate is not None)
-        return (low.A, low.B, low.gate) if low.gate is not None else (low.A, low.B)
+        fields[:] = [f for f in ("A", "B", "gate", "h") if isinstance(getattr(low, f, None), torch.Tensor)]
+        return tuple(getattr(low, f) for f in fields)
 
-    out = torch.func.vmap(one)(rows, x.reshape(x.shape[0], -1, x.shape[-1]))
-    return Lowered(x, out[0], out[1], scale, out[2] if gated[-1] else None)
+    per_row = torch.func.vmap(one)(rows, x.reshape(x.shape[0], -1, x.shape[-1]))
+    out = dict(zip(fields, per_row, strict=True))
+    low = Lowered(x, out["A"], out["B"], scale, out.get("gate"))
+    return low._replace(h=out["h"]) if "h" in out else low

@@ -39,16 +39,25 @@ def export_linear(
     y = F.linear(x, weight, bias)
     if low is None:
         return y
-    xin, A, B, scale = low.x, low.A.to(y.dtype), low.B.to(y.dtype), low.scale.to(y.dtype)  # fed fp32; no-op for fp32 models
+    xin, A, B, scale = (
+        low.x,
+        low.A.to(y.dtype),
+        low.B.to(y.dtype),
+        low.scale.to(y.dtype),
+    )  # fed fp32; no-op for fp32 models
     gate = None if low.gate is None else low.gate.to(y.dtype)
+    h = getattr(low, "h", None)  # x_in Aᵉᵀ precomputed a cheaper, equal way (MoR's one shared shrink)
     if A.dim() == 2:
-        h = F.linear(xin, A)
+        h = F.linear(xin, A) if h is None else h.to(y.dtype)
         if gate is not None:
             h = h * gate
         return y + F.linear(h * scale, B)
     rows = A.shape[0]
     xr = xin.reshape(rows, -1, xin.shape[-1])
-    h = torch.bmm(xr, A.transpose(1, 2))  # [b, T, R]; bmm exports to one MatMul, matmul adds Expand/Reshape
+    if h is None:
+        h = torch.bmm(xr, A.transpose(1, 2))  # [b, T, R]; bmm exports to one MatMul, matmul adds Expand/Reshape
+    else:
+        h = h.to(y.dtype).reshape(rows, -1, A.shape[1])
     if gate is not None:
         h = h * gate.reshape(h.shape)
     h = h * scale.reshape(rows, 1, 1)

@@ -83,7 +83,7 @@ def lower_from(adapter: Adapter, x: torch.Tensor, tensors: dict[str, torch.Tenso
     else:
         params = {f"adapter.{k}": v for k, v in tensors.items() if k != SCALE}
         low = torch.func.functional_call(_Lower(adapter), params, (x,), strict=True)
-    return Lowered(x, low.A, low.B, 1.0, low.gate)
+    return low._replace(x=x, scale=1.0, base=None)  # eval forward: dropout off, the plain frozen term
 
 
 def pad_to(t: torch.Tensor, shape: list[int], where: str) -> torch.Tensor:
