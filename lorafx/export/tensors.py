@@ -6,7 +6,7 @@ Each site is exported in one of two forms, chosen from the adapter itself:
   the effective ``A [R, d_in]`` and ``B [d_out, R]`` from :meth:`Adapter.effective_weights`. The graph
   is the canonical subgraph ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ``, so any gate-free adapter of rank ≤ R fits
   it (zero rows of A and zero columns of B add nothing, exactly).
-* ``params`` — gated variants (MoR): the adapter's own named parameters and buffers. The graph runs
+* ``params`` — gated variants (MoR): the adapter's own ``state_dict`` (parameters and persistent buffers). The graph runs
   the variant's own :meth:`Adapter.lower` on them (``torch.func.functional_call``), so input-dependent
   parts such as MoR's router become graph ops whose weights are inputs.
 
@@ -16,8 +16,6 @@ dict[str, Tensor]`` and ``lower_from(self, x, tensors) -> Lowered``; that form i
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 from torch import nn
@@ -45,7 +43,7 @@ def site_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         A, B, _ = adapter.effective_weights()
         out = {"A": A, "B": B}
     else:
-        out = dict(itertools.chain(adapter.named_parameters(), adapter.named_buffers()))
+        out = dict(adapter.state_dict())  # parameters and persistent buffers, as in adapter files
     out = {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
     out[SCALE] = torch.tensor([float(_scale(adapter, form))], dtype=torch.float32)
     return out
@@ -82,7 +80,7 @@ def lower_from(adapter: Adapter, x: torch.Tensor, tensors: dict[str, torch.Tenso
         return Lowered(x, tensors["A"], tensors["B"], 1.0)
     else:
         params = {f"adapter.{k}": v for k, v in tensors.items() if k != SCALE}
-        low = torch.func.functional_call(_Lower(adapter), params, (x,), strict=True)
+        low = torch.func.functional_call(_Lower(adapter), params, (x,))  # non-persistent buffers stay as they are
     return low._replace(x=x, scale=1.0, base=None)  # eval forward: dropout off, the plain frozen term
 
 
