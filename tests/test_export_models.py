@@ -39,7 +39,8 @@ def test_llama_merged_has_base_operators_and_initializers(tmp_path):
 def test_llama_swaps_a_saved_lower_rank_adapter_without_reexport(tmp_path):
     model = _llama(r=4)
     ids = {"input_ids": torch.randint(0, 64, (2, 6))}
-    to_onnx(model, ids, tmp_path / "onnx", mode="unmerged")
+    res = to_onnx(model, ids, tmp_path / "onnx", mode="unmerged", rank=6)  # headroom beyond the model's r=4
+    assert res.manifest["sites"][0]["tensors"]["model.layers.0.self_attn.q_proj.A"]["shape"] == [6, 32]
     sess = AdapterSession(tmp_path / "onnx")
     # another adapter of rank 2 on other sites (a subset), trained elsewhere and saved with lorafx
     torch.manual_seed(1)
@@ -59,7 +60,7 @@ def test_llama_swaps_a_saved_lower_rank_adapter_without_reexport(tmp_path):
     # adapters that do not fit the exported layout: clear errors naming the tensor and shapes
     wide = lorafx.apply(tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=8), targets=["q_proj"]))
     lorafx.save_adapter(wide, tmp_path / "r8")
-    with pytest.raises(lorafx.AdapterFileError, match=r"q_proj\.A.*\[8, 32\].*\[4, 32\]"):
+    with pytest.raises(lorafx.AdapterFileError, match=r"q_proj\.A.*\[8, 32\].*\[6, 32\]"):
         sess.load_adapter(tmp_path / "r8")
     elsewhere = lorafx.apply(tiny_llama(**TINY), lorafx.Spec(lorafx.LoRA(r=2), targets=["o_proj"]))
     lorafx.save_adapter(elsewhere, tmp_path / "o")

@@ -78,6 +78,10 @@ def to_onnx(
         dynamic: batch (and, for token inputs, sequence) axes dynamic.
         opset: ONNX opset (default: the exporter's).
 
+    While it runs, the live model's sites are rerouted to the fed tensors (merged mode: the weights
+    are merged); do not run the model from another thread meanwhile. Everything is restored when
+    ``to_onnx`` returns or raises.
+
     Example:
         >>> lorafx.export.to_onnx(model, {"input_ids": ids}, "out/llama", mode="unmerged")
     """
