@@ -19,3 +19,7 @@ class NotMergeableError(LorafxError, ValueError):
 
 class TraceError(LorafxError, RuntimeError):
     """A region or site could not be traced or rewritten."""
+
+
+class ExportError(LorafxError, RuntimeError):
+    """A model or adapter cannot be exported in the requested mode (names the site and the reason)."""

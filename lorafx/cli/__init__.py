@@ -7,9 +7,9 @@ import os
 import sys
 import warnings
 
-from lorafx.cli import bench_cmd, demo_cmd, inspect_cmd
+from lorafx.cli import bench_cmd, demo_cmd, export_cmd, inspect_cmd
 
-_COMMANDS = [inspect_cmd, demo_cmd, bench_cmd]
+_COMMANDS = [inspect_cmd, export_cmd, demo_cmd, bench_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,160 @@
+"""``lorafx export``: export a model with adapters to ONNX (merged, unmerged or multi-adapter).
+
+modes:
+  merged    the active adapter folded into the base weights (fp32 sum, rounded once): a plain graph
+            with the base model's operators that any ONNX server runs. Refused for gated variants
+            (MoR), whose update depends on the input.
+  unmerged  each adapted site's tensors (A [R, d_in], B [d_out, R], scale; MoR: its own weights and
+            router) are named graph inputs; adapter files and lorafx_export.json are written beside
+            the model. One graph serves any adapter of the same layout and rank <= R.
+  multi     K adapters stacked on a leading axis plus an adapter_ids [batch] input: one run serves
+            a batch whose rows use different adapters (Gather + MatMul, standard ONNX only).
+
+Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable) or from a spec
+(--spec FILE.json, or --variant/--r/--targets), which adds freshly initialised adapters: a layout to
+serve trained adapters with later (lorafx.export.AdapterSession.load_adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  lorafx export demo:tiny-llama --mode unmerged --variant lora --r 8 --targets q_proj,v_proj --out out/llama --check
+  lorafx export demo:mlp --mode merged --variant lora --r 4 --targets up,mid --out out/mlp
+  lorafx export demo:tiny-llama --mode multi --slots 4 --variant lora --r 8 --targets q_proj,v_proj --out out/multi
+
+models: demo:tiny-llama, demo:mlp, demo:minilm, demo:bench-llama (built in, no download)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model with adapters to ONNX (merged | unmerged | multi)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model source: demo:tiny-llama, demo:mlp, demo:minilm or demo:bench-llama")
+    p.add_argument(
+        "--mode",
+        choices=["merged", "unmerged", "multi"],
+        default="unmerged",
+        help="export mode (default unmerged; see above)",
+    )
+    p.add_argument("--out", required=True, help="output directory (model.onnx, lorafx_export.json, adapters/)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a lorafx.save_adapter directory to load (repeatable)",
+    )
+    p.add_argument("--spec", metavar="FILE", help="a lorafx spec JSON file (lorafx.Spec.to_json)")
+    p.add_argument("--variant", help="variant name for a spec built from flags, e.g. lora")
+    p.add_argument("--r", type=int, help="rank for --variant")
+    p.add_argument("--alpha", type=float, help="alpha for --variant")
+    p.add_argument("--targets", help="comma-separated target names for --variant (default all-linear)")
+    p.add_argument("--slots", type=int, default=2, help="multi mode with a spec: number of adapter slots K (default 2)")
+    p.add_argument("--rank", type=int, help="export width R (>= the adapters' ranks) to serve larger adapters later")
+    p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
+    p.add_argument("--seq", type=int, default=8, help="example sequence length for token models")
+    p.add_argument(
+        "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorafx
+    from lorafx.export import compare_export, to_onnx
+
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    names = []
+    for i, directory in enumerate(args.adapter):
+        name = _adapter_name(directory, names, i)
+        model = lorafx.load_adapter(model, directory, name=name, activate=not names)
+        names.append(name)
+    spec = _spec(args)
+    if spec is not None:
+        count = args.slots if args.mode == "multi" and not names else 1
+        for i in range(count):
+            name = "default" if count == 1 else f"slot{i}"
+            model = lorafx.apply(model, spec, name=name, activate=not names)
+            names.append(name)
+    if not names and args.mode != "merged":
+        raise lorafx.SpecError("no adapters: pass --adapter DIR, --spec FILE or --variant NAME")
+    lorafx.set_adapter(model, names[0]) if names else None
+    inputs = example_inputs(model, args.batch, args.seq)
+    res = to_onnx(
+        model, inputs, args.out, mode=args.mode, adapters=names if args.mode != "merged" else None, rank=args.rank
+    )
+    m = res.manifest
+    print(f"wrote {res.onnx_path} ({args.mode}; inputs {[i['name'] for i in m['inputs']]}, outputs {m['outputs']})")
+    print(
+        f"  {len(lorafx.iter_sites(model))} adapted sites, adapters: {list(m.get('adapters', {})) or m.get('merged_adapter')}"
+    )
+    if args.check:
+        print(f"  max abs diff onnxruntime vs eager: {compare_export(model, inputs, args.out):.2e}")
+    return 0
+
+
+def _adapter_name(directory: str, taken: list[str], i: int) -> str:
+    """The name saved in the adapter's JSON, or ``<name>_<i>`` when an earlier --adapter took it."""
+    import json
+    from pathlib import Path
+
+    from lorafx.adapter_files import CONFIG
+
+    path = Path(directory) / CONFIG
+    name = json.loads(path.read_text()).get("name", "default") if path.is_file() else "default"
+    return name if name not in taken else f"{name}_{i}"
+
+
+def load_model(source: str):
+    """A built-in demo model by name (``demo:<name>``). Minimal on purpose: lorafx.cli.sources takes over."""
+    from lorafx.errors import SpecError
+    from lorafx.models import BUILTIN
+
+    name = source.removeprefix("demo:")
+    if not source.startswith("demo:") or name not in BUILTIN:
+        raise SpecError(f"unknown model source {source!r}; built-in models: {', '.join('demo:' + n for n in BUILTIN)}")
+    return BUILTIN[name]()
+
+
+def _spec(args: argparse.Namespace):
+    from pathlib import Path
+
+    import lorafx
+    from lorafx.config import variant_class
+
+    if args.spec:
+        return lorafx.Spec.from_json(Path(args.spec).read_text())
+    if not args.variant:
+        return None
+    fields = {k: v for k, v in (("r", args.r), ("alpha", args.alpha)) if v is not None}
+    targets = args.targets.split(",") if args.targets else "all-linear"
+    try:
+        config = variant_class(args.variant)(**fields)
+    except TypeError as e:
+        raise lorafx.SpecError(f"variant {args.variant!r}: {e}") from None
+    return lorafx.Spec(config, targets=targets)
+
+
+def example_inputs(model, batch: int, seq: int):
+    """Example inputs: token ids (+ attention mask for encoders) for transformers models, else one
+    positional ``[batch, d_in]`` float tensor (ONNX input name ``input``) sized by the first linear."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        ids = torch.randint(0, config.vocab_size, (batch, seq))
+        if getattr(config, "is_decoder", False) or "CausalLM" in type(model).__name__:
+            return {"input_ids": ids}
+        return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return (torch.randn(batch, first.in_features),)

@@ -1,0 +1,27 @@
+"""ONNX export of adapted models, and serving on onnxruntime.
+
+``import lorafx`` does not import this package; this package imports onnx and onnxruntime only inside
+the functions that need them (install ``lorafx[onnx]``).
+
+* :func:`to_onnx` — ``merged`` (plain graph), ``unmerged`` (adapter tensors as named graph inputs,
+  adapter files beside the model) or ``multi`` (K stacked adapters + per-row ``adapter_ids``).
+* :class:`AdapterSession` — one onnxruntime session, many adapters, per-row adapters in a batch.
+* :func:`check_onnx` — export, run onnxruntime, return the max abs difference against eager.
+"""
+
+from lorafx.export.check import check_onnx, compare_export
+from lorafx.export.exporter import MODES, ExportResult, to_onnx
+from lorafx.export.session import AdapterSession
+from lorafx.export.tensors import form_of, lower_from, site_tensors
+
+__all__ = [
+    "MODES",
+    "AdapterSession",
+    "ExportResult",
+    "check_onnx",
+    "compare_export",
+    "form_of",
+    "lower_from",
+    "site_tensors",
+    "to_onnx",
+]

@@ -1,0 +1,129 @@
+"""``AdapterSession``: serve an exported graph with swappable and per-row adapters on onnxruntime.
+
+The base graph is loaded once (one ``onnxruntime.InferenceSession``). Adapters are tensors fed with
+each run, so loading another adapter is reading a file, never re-exporting or re-creating the session.
+On a ``multi`` export, a batch whose rows use different adapters runs in one call: the session fills
+the K stacked slots with the adapters the batch asks for and feeds ``adapter_ids``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafx.errors import ExportError
+from lorafx.export.exporter import IDS, MANIFEST
+from lorafx.export.layout import SiteLayout, make_feed, read_any_adapter
+
+
+class AdapterSession:
+    """An onnxruntime session over a :func:`lorafx.export.to_onnx` directory.
+
+    Args:
+        directory: the export directory (holds ``lorafx_export.json`` and ``model.onnx``).
+        providers: onnxruntime execution providers (default CPU).
+        sess_options: an ``onnxruntime.SessionOptions``.
+        load_exported: load the adapters written beside the export (``adapters/<name>/``).
+
+    Example:
+        >>> sess = AdapterSession("out/llama")
+        >>> sess.load_adapter("runs/other-adapter", name="other")     # a lorafx.save_adapter dir
+        >>> logits = sess.run({"input_ids": ids}, adapter="other")["logits"]
+        >>> mixed = sess.run({"input_ids": ids}, adapter=["default", "other"])  # one adapter per row
+    """
+
+    def __init__(self, directory, providers: list[str] | None = None, sess_options=None, load_exported: bool = True):
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise ExportError(f"{self.directory}: no {MANIFEST}; export with lorafx.export.to_onnx first")
+        self.manifest = json.loads(path.read_text())
+        self.mode = self.manifest["mode"]
+        self.layout = [SiteLayout.from_dict(d) for d in self.manifest["sites"]]
+        self.session = ort.InferenceSession(
+            str(self.directory / self.manifest["model"]), sess_options, providers=providers or ["CPUExecutionProvider"]
+        )
+        self.output_names = list(self.manifest["outputs"])
+        self.slots = self.manifest.get("multi", {}).get("slots", 1)
+        self.adapters: dict[str, dict[str, np.ndarray]] = {}
+        self._stacked: dict[tuple, dict[str, np.ndarray]] = {}
+        if load_exported:
+            for name, rel in self.manifest.get("adapters", {}).items():
+                self.load_adapter(self.directory / rel, name=name)
+
+    def load_adapter(self, directory, name: str | None = None) -> str:
+        """Load an adapter dir (exported, or a :func:`lorafx.save_adapter` dir); returns its name.
+
+        A lower-rank adapter is zero-padded to the exported rank; one that does not fit the exported
+        layout is an :class:`~lorafx.errors.AdapterFileError` naming the site and tensor.
+        """
+        if self.mode == "merged":
+            raise ExportError(
+                f"{self.directory}: a merged export has its adapter folded in; export mode='unmerged' to swap adapters"
+            )
+        file_name, tensors = read_any_adapter(directory)
+        name = name or file_name
+        feed = make_feed(self.layout, tensors, str(directory))
+        self.adapters[name] = {k: v.numpy() for k, v in feed.items()}
+        self._stacked.clear()
+        return name
+
+    def run(self, inputs: dict, adapter: str | list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch; returns output name -> array.
+
+        Args:
+            inputs: input name -> array or tensor (names as in the manifest, e.g. ``input_ids``).
+            adapter: one adapter name for the whole batch, a list with one name per row (``None`` in
+                the list, or ``adapter=None``, means the base model), ignored for merged exports.
+        """
+        feed = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in inputs.items()}
+        if self.mode == "unmerged":
+            if isinstance(adapter, (list, tuple)):
+                return self._run_rows(feed, list(adapter))
+            feed.update(self._adapter(adapter))
+        elif self.mode == "multi":
+            rows = len(next(iter(feed.values())))
+            per_row = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
+            if len(per_row) != rows:
+                raise ExportError(f"adapter list has {len(per_row)} names for a batch of {rows} rows")
+            feed.update(self._multi_feed(per_row))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=False))
+
+    def _adapter(self, name: str | None) -> dict[str, np.ndarray]:
+        if name is None:
+            return {sl.name(k): np.zeros(s, np.float32) for sl in self.layout for k, s in sl.shapes.items()}
+        if name not in self.adapters:
+            raise ExportError(f"no adapter named {name!r} in this session; loaded: {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    def _run_rows(self, feed: dict, per_row: list) -> dict[str, np.ndarray]:
+        """Unmerged graph, rows with different adapters: one run per adapter, rows put back in order."""
+        outs: dict[str, np.ndarray] = {}
+        for name in dict.fromkeys(per_row):
+            idx = np.array([i for i, n in enumerate(per_row) if n == name])
+            sub = {k: v[idx] for k, v in feed.items()}
+            sub.update(self._adapter(name))
+            for out_name, arr in zip(self.output_names, self.session.run(self.output_names, sub), strict=False):
+                if out_name not in outs:
+                    outs[out_name] = np.empty((len(per_row), *arr.shape[1:]), arr.dtype)
+                outs[out_name][idx] = arr
+        return outs
+
+    def _multi_feed(self, per_row: list) -> dict[str, np.ndarray]:
+        wanted = list(dict.fromkeys(per_row))
+        if len(wanted) > self.slots:
+            raise ExportError(
+                f"batch asks for {len(wanted)} adapters {wanted}, but the graph was exported with {self.slots} slots"
+            )
+        slots = tuple(wanted + [None] * (self.slots - len(wanted)))
+        if slots not in self._stacked:
+            parts = [self._adapter(n) for n in slots]
+            self._stacked[slots] = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+        feed = dict(self._stacked[slots])
+        feed[IDS] = np.array([slots.index(n) for n in per_row], dtype=np.int64)
+        return feed

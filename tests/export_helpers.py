@@ -1,0 +1,82 @@
+"""Shared pieces of the ONNX export tests: tiny models, a test-only gated variant, comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+import lorafx
+from lorafx.adapter import Adapter, Lowered
+from lorafx.config import AdapterConfig, register_variant
+from tests.tolerances import ONNX_FP32
+
+
+@register_variant
+@dataclass(frozen=True)
+class GatedForTests(AdapterConfig):
+    """A gated variant shaped like MoR (softmax router over rank slots), so the ``params`` export form
+    is covered before MoR lands: ``delta = s·((x Aᵀ) ⊙ softmax(x Wgᵀ)) Bᵀ``."""
+
+    name: ClassVar[str] = "gated_for_tests"
+    r: int = 4
+    alpha: float = 8.0
+
+    def mergeable(self) -> bool:
+        return False
+
+    def make_adapter(self, in_features, out_features, site):
+        return _GatedAdapter(self, in_features, out_features, site)
+
+
+class _GatedAdapter(Adapter):
+    def __init__(self, config, in_features, out_features, site):
+        super().__init__(config, in_features, out_features, site)
+        self.A = nn.Parameter(torch.randn(config.r, in_features) / in_features**0.5)
+        self.B = nn.Parameter(torch.randn(out_features, config.r) / config.r**0.5)
+        self.router = nn.Parameter(torch.randn(config.r, in_features))
+
+    def lower(self, x):
+        return Lowered(x, self.A, self.B, self.config.alpha / self.config.r, torch.softmax(x @ self.router.t(), dim=-1))
+
+
+def perturb(model: nn.Module, name: str, seed: int) -> None:
+    """Add noise to every floating parameter of adapter ``name`` (sites and shared) so two adapters surely differ."""
+    g = torch.Generator().manual_seed(seed)
+    modules = [sa.adapters[name] for sa in lorafx.iter_sites(model).values() if name in sa.adapters]
+    shared = getattr(model, "lorafx_shared", {})  # model-level state, e.g. Uni-LoRA's one vector
+    modules += [m for k, m in shared.items() if k.split("__")[0] == name]
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                if p.is_floating_point():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@torch.no_grad()
+def eager(model: nn.Module, inputs, name: str | None) -> np.ndarray:
+    """Eager output (first tensor output) with adapter ``name`` active, in eval mode."""
+    if name is not None:
+        lorafx.set_adapter(model, name)
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = out if isinstance(out, torch.Tensor) else next(iter(out.values()))
+    return out.numpy()
+
+
+def close(got: np.ndarray, want: np.ndarray) -> None:
+    torch.testing.assert_close(torch.from_numpy(np.asarray(got)), torch.from_numpy(want), **ONNX_FP32)
+
+
+def op_types(path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def initializer_shapes(path) -> list[tuple]:
+    import onnx
+
+    return sorted(tuple(t.dims) for t in onnx.load(str(path)).graph.initializer)

@@ -1,0 +1,93 @@
+"""``lorafx export`` on the command line."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import torch
+
+from lorafx.cli import build_parser, main
+from lorafx.cli.export_cmd import EPILOG
+from lorafx.export import AdapterSession
+
+
+def test_help_documents_modes_and_examples_parse(capsys):
+    text = build_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    for word in ("merged", "unmerged", "multi", "adapter_ids", "demo:tiny-llama", "examples:"):
+        assert word in text
+    for line in EPILOG.splitlines():
+        if line.strip().startswith("lorafx export"):
+            args = build_parser().parse_args(shlex.split(line.strip())[1:])
+            assert args.command == "export" and args.model.startswith("demo:")
+
+
+def test_export_mlp_unmerged_then_serve(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert (
+        main(
+            [
+                "export",
+                "demo:mlp",
+                "--mode",
+                "unmerged",
+                "--variant",
+                "lora",
+                "--r",
+                "4",
+                "--targets",
+                "up,mid",
+                "--out",
+                str(out),
+                "--check",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    diff = float(printed.rsplit(":", 1)[1])
+    assert diff <= 1e-4
+    manifest = json.loads((out / "lorafx_export.json").read_text())
+    assert manifest["mode"] == "unmerged" and {s["site"] for s in manifest["sites"]} == {"up", "mid"}
+    assert manifest["inputs"][0]["shape"] == ["batch", 32]
+    sess = AdapterSession(out)
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    from lorafx.models import tiny_mlp
+
+    torch.manual_seed(0)
+    want = tiny_mlp()(torch.from_numpy(x)).detach().numpy()  # fresh LoRA has B = 0: the base output
+    np.testing.assert_allclose(sess.run({"input": x}, adapter="default")["output"], want, atol=1e-5)
+
+
+def test_unknown_model_source_is_a_clear_error(tmp_path, capsys):
+    assert main(["export", "demo:nope", "--out", str(tmp_path)]) == 2
+    assert "demo:tiny-llama" in capsys.readouterr().err
+
+
+def test_readme_serving_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "readme" / "onnx.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/readme/onnx.md", "exec"), {})
+    diff = float(capsys.readouterr().out.rsplit("=", 1)[1])
+    assert diff <= 1e-4
+
+
+def test_export_saved_adapters_multi(tmp_path, capsys):
+    import lorafx
+    from lorafx.models import tiny_mlp
+
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = lorafx.apply(tiny_mlp(), lorafx.Spec(lorafx.LoRA(r=2 * seed, init="random"), targets=["up"]))
+        dirs.append(lorafx.save_adapter(m, tmp_path / f"a{seed}"))
+    argv = ["export", "demo:mlp", "--mode", "multi", "--out", str(tmp_path / "out"), "--check"]
+    assert main(argv + ["--adapter", str(dirs[0]), "--adapter", str(dirs[1])]) == 0
+    out = capsys.readouterr().out
+    assert "['default', 'default_1']" in out and float(out.rsplit(":", 1)[1]) <= 1e-4
+    manifest = json.loads((tmp_path / "out" / "lorafx_export.json").read_text())
+    assert manifest["sites"][0]["tensors"]["up.A"]["shape"] == [4, 32]  # the larger rank; rank 2 is padded
