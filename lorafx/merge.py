@@ -62,13 +62,25 @@ def unmerge(model: nn.Module) -> None:
     sites = [sa for sa in iter_sites(model).values() if sa.merged is not None]
     if not sites:
         raise SpecError("nothing is merged")
+    # All new weights are computed before any is written, and the writes are undone if one fails, so
+    # a failure leaves every site merged as before (the same pattern as merge()).
+    restored = []
     for sa in sites:
         w = _weight(model, sa)
-        orig = sa.__dict__.pop("_lorafx_original", None)
-        if orig is not None:
-            w.copy_(orig)
-        else:
-            w.copy_((w.float() - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+        orig = sa.__dict__.get("_lorafx_original")
+        restored.append(orig if orig is not None else (w.float() - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+    merged_weights = []
+    try:
+        for sa, new in zip(sites, restored, strict=True):
+            w = _weight(model, sa)
+            merged_weights.append((w, w.detach().clone()))
+            w.copy_(new)
+    except BaseException:
+        for w, old in merged_weights:
+            w.copy_(old)
+        raise
+    for sa in sites:
+        sa.__dict__.pop("_lorafx_original", None)
         sa.merged = None
 
 
