@@ -110,7 +110,11 @@ def _closest(spec: Spec, names: list[str], entries: list[str] | None = None) -> 
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     hints = []
     for entry in entries:
-        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+        leaf = entry.rsplit(".", 1)[-1]
+        if leaf in leaves:  # e.g. an override for v_proj while targets select q_proj only
+            hints.append(f"{entry!r} names linear sites that the targets/exclude do not select")
+            continue
+        close = difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.5)
         if close:
             hints.append(f"{entry!r} -> did you mean {close}?")
     listed = ", ".join(leaves[:12]) + (" ..." if len(leaves) > 12 else "")
