@@ -20,6 +20,7 @@ from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
 from lorafx.spec import Spec
 from lorafx.variants import LoRA
+from lorafx.verify import verify_merge
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,5 @@ __all__ = [
     "to_peft",
     "unmerge",
     "variant_names",
+    "verify_merge",
 ]
