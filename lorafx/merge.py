@@ -20,6 +20,11 @@ def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
     return model.get_submodule(sa.site).weight
 
 
+def _acc(w: torch.Tensor) -> torch.Tensor:
+    """``w`` in its accumulation dtype: fp32, or fp64 for an fp64 base (fp32 would round W itself)."""
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
 def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
     delta = sa.adapters[name].delta_weight()
     return delta.t() if sa.fan_in_fan_out else delta
@@ -46,7 +51,7 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
         for sa in sites:
             w = _weight(model, sa)
             originals.append((sa, w.detach().clone()))
-            w.copy_((w.float() + _delta(sa, name).to(w.device)).to(w.dtype))
+            w.copy_((_acc(w) + _delta(sa, name).to(w.device)).to(w.dtype))
     except BaseException:
         for sa, orig in originals:
             _weight(model, sa).copy_(orig)
@@ -68,7 +73,7 @@ def unmerge(model: nn.Module) -> None:
     for sa in sites:
         w = _weight(model, sa)
         orig = sa.__dict__.get("_lorafx_original")
-        restored.append(orig if orig is not None else (w.float() - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+        restored.append(orig if orig is not None else (_acc(w) - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
     merged_weights = []
     try:
         for sa, new in zip(sites, restored, strict=True):
