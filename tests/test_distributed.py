@@ -5,8 +5,9 @@ from identical initial weights: in one process on the global batch (the referenc
 each of 2 ranks holding half the batch, and under FSDP2 with each Llama layer and the root sharded.
 Both ranks compute a per-token mean loss over equally many tokens, and DDP/FSDP average the gradients,
 so the distributed gradient is the global-batch gradient up to fp32 summation order; the final adapter
-weights must agree to the fp32 tolerance. Rank 0 also saves the DDP-trained adapter with
-``lorafx.save_adapter``; a fresh model loads it and must give the same logits.
+weights must agree to the fp32 tolerance. Rank 0 saves the DDP-trained adapter with
+``lorafx.save_adapter``, and every FSDP2 rank calls it (it gathers the shards, rank 0 writes); a fresh
+model loads each and must give the single-process model's logits.
 
 Everything distributed runs in ONE ``torch.multiprocessing.spawn`` (module fixture): starting the 2
 processes and importing transformers costs ~8 s on the 2-core CI machine, the training itself < 1 s
@@ -110,6 +111,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             state = adapter_state(model)  # collective: every rank gathers
             if rank == 0:
                 torch.save(state, Path(out_dir) / f"fsdp_{name}.pt")
+            lorafx.save_adapter(model, Path(out_dir) / f"fsdp_saved_{name}")  # every rank; rank 0 writes
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -150,10 +152,11 @@ def test_distributed_matches_single_process(distributed_run, name, engine):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_adapter_saved_by_rank0_loads_in_fresh_model(distributed_run, name):
+@pytest.mark.parametrize("saved", ["saved", "fsdp_saved"], ids=["ddp-rank0", "fsdp-all-ranks"])
+def test_adapter_saved_from_distributed_run_loads_in_fresh_model(distributed_run, name, saved):
     trained, _ = reference(example_configs()[name])
     fresh = tiny_llama(seed=0, hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=VOCAB)
-    fresh = lorafx.load_adapter(fresh, distributed_run / f"saved_{name}")
+    fresh = lorafx.load_adapter(fresh, distributed_run / f"{saved}_{name}")
     ids = batches()[0]
     with torch.no_grad():
         assert_close(fresh(ids).logits, trained(ids).logits)
