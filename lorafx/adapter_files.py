@@ -69,7 +69,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     modules = _modules_of(model, name)
     state = _state(modules)
     sharded = any(hasattr(t, "full_tensor") for t in state.values())  # DTensor (FSDP2)
-    tensors = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu() for k, t in state.items()}
+    full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in state.items()}  # collective
+    tensors = {k: t.detach().contiguous().cpu() for k, t in full.items()}
     directory = Path(directory)
     if sharded and torch.distributed.get_rank() != 0:
         return directory

@@ -17,6 +17,7 @@ per variant.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 from pathlib import Path
@@ -130,8 +131,10 @@ def distributed_run(tmp_path_factory) -> Path:
     return out
 
 
-def reference(config) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    model = build(config)
+@functools.cache
+def reference(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The single-process run (cached: 4 tests per variant read it, none changes it)."""
+    model = build(example_configs()[name])
     train(model, model, 0, 1, deterministic_train_mode(model))
     return model, adapter_state(model)
 
@@ -142,7 +145,7 @@ VARIANTS = list(example_configs())
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_distributed_matches_single_process(distributed_run, name, engine):
-    _, expected = reference(example_configs()[name])
+    _, expected = reference(name)
     got = torch.load(distributed_run / f"{engine}_{name}.pt")
     assert set(got) == set(expected) and expected
     start = adapter_state(build(example_configs()[name]))
@@ -154,7 +157,7 @@ def test_distributed_matches_single_process(distributed_run, name, engine):
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("saved", ["saved", "fsdp_saved"], ids=["ddp-rank0", "fsdp-all-ranks"])
 def test_adapter_saved_from_distributed_run_loads_in_fresh_model(distributed_run, name, saved):
-    trained, _ = reference(example_configs()[name])
+    trained, _ = reference(name)
     fresh = tiny_llama(seed=0, hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=VOCAB)
     fresh = lorafx.load_adapter(fresh, distributed_run / f"{saved}_{name}")
     ids = batches()[0]
