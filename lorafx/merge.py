@@ -43,9 +43,13 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
     sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
     if any(sa.merged is not None for sa in sites):
         raise SpecError(f"adapter {name!r} is already merged")
-    bad = [sa.site for sa in sites if not sa.adapters[name].config.mergeable()]
+    bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
     if bad:
-        raise NotMergeableError(f"adapter {name!r} cannot be merged at sites {bad}: its gate depends on the input")
+        variants = sorted({sa.adapters[name].config.name for sa in bad})
+        raise NotMergeableError(
+            f"adapter {name!r} (variant {', '.join(map(repr, variants))}) cannot be merged at sites "
+            f"{[sa.site for sa in bad]}: its gate depends on the input"
+        )
     originals = []
     try:
         for sa in sites:

@@ -45,7 +45,8 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
 
     The model runs in eval mode on ``inputs`` (a tensor, a tuple of positional arguments, or a dict
     of keyword arguments) once unmerged and once merged (``merge(keep_original=True)``); then the
-    original weights are put back bit for bit and the train/eval mode restored, whatever happens.
+    original weights are put back bit for bit and every module's train/eval flag restored, whatever
+    happens.
 
     Args:
         model: a model adapted by :func:`lorafx.apply` with an active, mergeable, unmerged adapter.
@@ -65,7 +66,7 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
     sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
     if any(sa.merged is not None for sa in sites):
         raise SpecError(f"verify_merge: adapter {name!r} is already merged; lorafx.unmerge(model) first")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: submodules may differ from the root
     model.eval()
     try:
         unmerged = _run(model, inputs)
@@ -75,7 +76,8 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
         finally:
             unmerge(model)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     diff = (merged - unmerged).abs()
     weight = model.get_submodule(sites[0].site).weight
     return {

@@ -379,8 +379,7 @@ if "mor" in example_configs():
         Case(
             "merge a non-mergeable variant (MoR)",
             call(
-                lambda m: lorafx.merge(lorafx.apply(m, lorafx.Spec(example_configs()["mor"], targets=["q_proj"]))),
-                llama,
+                lorafx.merge, lambda: lorafx.apply(llama(), lorafx.Spec(example_configs()["mor"], targets=["q_proj"]))
             ),
             NotMergeableError,
             (Q, "'mor'"),

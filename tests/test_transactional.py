@@ -88,6 +88,17 @@ def test_apply_fails_halfway_leaves_model_unchanged(monkeypatch, fault, second):
     assert lorafx.active_adapter(model) == "new"
 
 
+@pytest.mark.parametrize("fault", ["second adapter construction", "second region swap (commit)"])
+@pytest.mark.parametrize("name", list(example_configs()))
+def test_apply_every_variant_fails_halfway(monkeypatch, name, fault):
+    cfg = example_configs()[name]
+    owner, attr, n = APPLY_FAULTS[fault]
+    owner = type(cfg) if owner is LoRA else owner
+    model = small_llama()
+    spec = lorafx.Spec(cfg, targets="all-linear")
+    _expect_failure(monkeypatch, model, (owner, attr, n), lambda: lorafx.apply(model, spec))
+
+
 @pytest.mark.parametrize("name", list(example_configs()))
 def test_apply_every_variant_whole_model_region_commit_failure(monkeypatch, name):
     # TinyMLP traces whole: apply returns a new GraphModule root; a failed commit must leave the
@@ -152,3 +163,19 @@ def test_load_fails_halfway_leaves_model_unchanged(monkeypatch, saved, fault, fm
     _expect_failure(monkeypatch, model, LOAD_FAULTS[fault], lambda: load(model, path / fmt))
     model = load(model, path / fmt)
     assert_close(model(IDS).logits, expected)
+
+
+@pytest.mark.parametrize("name", list(example_configs()))
+def test_load_every_variant_fails_at_second_tensor_copy(monkeypatch, tmp_path, name):
+    cfg = example_configs()[name]
+    torch.manual_seed(0)
+    trained = lorafx.apply(small_llama(), lorafx.Spec(cfg, targets="all-linear"))
+    lorafx.save_adapter(trained, tmp_path)
+    adapter_cls = type(cfg.make_adapter(4, 4, "probe"))
+    model = small_llama()
+    load = lambda: lorafx.load_adapter(model, tmp_path)  # noqa: E731
+    _expect_failure(monkeypatch, model, (adapter_cls, "load_state_dict", 2), load)
+    model = load()
+    trained.eval(), model.eval()
+    with torch.no_grad():
+        assert_close(model(IDS).logits, trained(IDS).logits)

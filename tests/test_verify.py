@@ -38,6 +38,7 @@ def test_reports_the_independent_merge_difference_and_restores(dtype):
         copy.deepcopy(plain), lorafx.Spec(lorafx.LoRA(r=4, alpha=8, init="random"), targets="all-linear")
     )
     model.train()
+    model.model.layers[0].mlp.eval()  # mixed flags must come back as they were, not as the root's
     before = snapshot(model)
     report = lorafx.verify_merge(model, IDS)
     assert_unchanged(before, model)  # weights bit-identical, still in train mode
