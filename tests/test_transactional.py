@@ -88,7 +88,9 @@ def test_apply_fails_halfway_leaves_model_unchanged(monkeypatch, fault, second):
     assert lorafx.active_adapter(model) == "new"
 
 
-@pytest.mark.parametrize("fault", ["second adapter construction", "second region swap (commit)"])
+@pytest.mark.parametrize(
+    "fault", ["second adapter construction", "second region swap (commit)", "activation (commit, last step)"]
+)
 @pytest.mark.parametrize("name", list(example_configs()))
 def test_apply_every_variant_fails_halfway(monkeypatch, name, fault):
     cfg = example_configs()[name]
