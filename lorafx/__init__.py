@@ -18,6 +18,7 @@ from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
 from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
+from lorafx.serving import using_adapter
 from lorafx.spec import Spec
 from lorafx.variants import LoRA
 from lorafx.verify import verify_merge
@@ -51,6 +52,7 @@ __all__ = [
     "step",
     "to_peft",
     "unmerge",
+    "using_adapter",
     "variant_names",
     "verify_merge",
 ]

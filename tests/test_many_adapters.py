@@ -5,7 +5,8 @@ adapter (same seed), so every check compares against an independent single-adapt
 
 ``set_adapter`` is per-model state (like PEFT's ``set_adapter``): one model serves one adapter at a
 time. Concurrent requests for different adapters therefore serialise ``set_adapter`` + forward
-under one lock (tested below); requests for the same adapter may run concurrently without a lock.
+under one lock — a user's own, or ``lorafx.using_adapter`` (tested below); requests for the same
+adapter may run concurrently without a lock.
 """
 
 from __future__ import annotations
@@ -103,6 +104,35 @@ def test_threads_with_a_lock_get_their_own_adapter(served):
     for t in threads:
         t.join()
     assert not errors, f"cross-talk for {errors}"
+
+
+def test_using_adapter_serves_threads_and_restores(served):
+    model, outputs = served
+    lorafx.set_adapter(model, "a3")
+    errors = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            name = f"a{rng.randrange(N)}"
+            with lorafx.using_adapter(model, name), torch.no_grad():
+                out = model(IDS).logits
+            if not torch.equal(out, outputs[name]):
+                errors.append(name)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"cross-talk for {errors}"
+    assert lorafx.active_adapter(model) == "a3"
+    with lorafx.using_adapter(model, "a9"), lorafx.using_adapter(model, None):  # re-entrant, nested
+        assert lorafx.active_adapter(model) is None
+    assert lorafx.active_adapter(model) == "a3"
+    with pytest.raises(lorafx.SpecError, match="no adapter named 'zz'"), lorafx.using_adapter(model, "zz"):
+        pass
+    assert lorafx.active_adapter(model) == "a3"
 
 
 def test_threads_sharing_one_adapter_need_no_lock(served):
