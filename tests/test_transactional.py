@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 from model_state import assert_unchanged, snapshot
-from tolerances import assert_close
+from tolerances import MERGED_LOGITS_FP32, UNMERGED_WEIGHT_FP32, assert_close
 from variant_cases import example_configs
 
 import lorafx
@@ -125,7 +125,7 @@ def test_merge_fails_at_second_weight_copy(monkeypatch, keep_original):
     _expect_failure(monkeypatch, model, (merge_mod, "_delta", 2), lambda: lorafx.merge(model, keep_original))
     lorafx.merge(model, keep_original)
     assert lorafx.is_merged(model)
-    assert_close(model(IDS).logits, reference, atol=1e-5, rtol=1e-4)
+    assert_close(model(IDS).logits, reference, **MERGED_LOGITS_FP32)
 
 
 def test_unmerge_fails_at_second_weight_copy(monkeypatch):
@@ -137,7 +137,7 @@ def test_unmerge_fails_at_second_weight_copy(monkeypatch):
     lorafx.unmerge(model)
     assert not lorafx.is_merged(model)
     for k, v in model.state_dict().items():
-        assert_close(v, base[k], atol=1e-6, rtol=0)
+        assert_close(v, base[k], **UNMERGED_WEIGHT_FP32)
 
 
 @pytest.fixture
