@@ -25,6 +25,7 @@ def tol(dtype: torch.dtype) -> dict:
 def assert_close(actual, expected, dtype=torch.float32, **override):
     torch.testing.assert_close(actual, expected, **{**tol(dtype), **override})
 
+
 # -- issue 7 (reliability) ------------------------------------------------------------------------
 # Merged vs unmerged logits of a tiny Llama in fp32: x(W+ΔW)ᵀ and xWᵀ + s(xAᵀ)Bᵀ round differently;
 # measured 2e-7 on logits of magnitude ~0.4, so 1e-5 leaves 50x headroom.
