@@ -21,8 +21,10 @@ from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, Spec
 from lorafx.merge import is_merged, merge, unmerge
 from lorafx.peft_interop import from_peft, to_peft
 from lorafx.report import Report, build_report
+from lorafx.serving import using_adapter
 from lorafx.spec import Spec
 from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
+from lorafx.verify import verify_merge
 
 __version__ = "0.1.0"
 
@@ -63,5 +65,7 @@ __all__ = [
     "step",
     "to_peft",
     "unmerge",
+    "using_adapter",
     "variant_names",
+    "verify_merge",
 ]

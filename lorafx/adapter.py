@@ -79,13 +79,14 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·BᵉAᵉ in fp32, ``[d_out, d_in]``; :class:`NotMergeableError` if the variant has a gate."""
+        """ΔW = s·BᵉAᵉ in fp32 (fp64 for fp64 adapters), ``[d_out, d_in]``; :class:`NotMergeableError` if the variant has a gate."""
         if not self.config.mergeable():
             raise NotMergeableError(
                 f"site {self.site!r}: variant {self.config.name!r} is not mergeable (its gate depends on the input)"
             )
         A, B, s = self.effective_weights()
-        return (B.float() @ A.float()) * s
+        acc = torch.promote_types(A.dtype, torch.float32)  # fp64 adapters stay fp64 (fp32 would lose bits)
+        return (B.to(acc) @ A.to(acc)) * s
 
     def on_step(self) -> None:
         """Called once per optimizer step by :func:`lorafx.step`; stateful variants (CE-LoRA) override."""

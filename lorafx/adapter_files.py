@@ -53,6 +53,10 @@ def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, list[int]]:
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory``; returns the directory.
 
+    Under FSDP2 (``fully_shard``) the adapter parameters are sharded DTensors: call this on *every*
+    rank; each gathers the full tensors (a collective) and only rank 0 writes. With DDP or one
+    process, call it on one rank as usual.
+
     Example:
         >>> lorafx.save_adapter(model, "runs/my-adapter")
     """
@@ -63,8 +67,13 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if name not in data.specs:
         raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
     modules = _modules_of(model, name)
-    tensors = {k: t.detach().contiguous().cpu() for k, t in _state(modules).items()}
+    state = _state(modules)
+    sharded = any(hasattr(t, "full_tensor") for t in state.values())  # DTensor (FSDP2)
+    full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in state.items()}  # collective
+    tensors = {k: t.detach().contiguous().cpu() for k, t in full.items()}
     directory = Path(directory)
+    if sharded and torch.distributed.get_rank() != 0:
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     sites = [k for k in modules if not k.startswith("lorafx_shared.")]
     meta = {

@@ -20,6 +20,11 @@ def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
     return model.get_submodule(sa.site).weight
 
 
+def _acc(w: torch.Tensor) -> torch.Tensor:
+    """``w`` in its accumulation dtype: fp32, or fp64 for an fp64 base (fp32 would round W itself)."""
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
 def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
     delta = sa.adapters[name].delta_weight()
     return delta.t() if sa.fan_in_fan_out else delta
@@ -38,15 +43,19 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
     sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
     if any(sa.merged is not None for sa in sites):
         raise SpecError(f"adapter {name!r} is already merged")
-    bad = [sa.site for sa in sites if not sa.adapters[name].config.mergeable()]
+    bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
     if bad:
-        raise NotMergeableError(f"adapter {name!r} cannot be merged at sites {bad}: its gate depends on the input")
+        variants = sorted({sa.adapters[name].config.name for sa in bad})
+        raise NotMergeableError(
+            f"adapter {name!r} (variant {', '.join(map(repr, variants))}) cannot be merged at sites "
+            f"{[sa.site for sa in bad]}: its gate depends on the input"
+        )
     originals = []
     try:
         for sa in sites:
             w = _weight(model, sa)
             originals.append((sa, w.detach().clone()))
-            w.copy_((w.float() + _delta(sa, name).to(w.device)).to(w.dtype))
+            w.copy_((_acc(w) + _delta(sa, name).to(w.device)).to(w.dtype))
     except BaseException:
         for sa, orig in originals:
             _weight(model, sa).copy_(orig)
@@ -62,13 +71,25 @@ def unmerge(model: nn.Module) -> None:
     sites = [sa for sa in iter_sites(model).values() if sa.merged is not None]
     if not sites:
         raise SpecError("nothing is merged")
+    # All new weights are computed before any is written, and the writes are undone if one fails, so
+    # a failure leaves every site merged as before (the same pattern as merge()).
+    restored = []
     for sa in sites:
         w = _weight(model, sa)
-        orig = sa.__dict__.pop("_lorafx_original", None)
-        if orig is not None:
-            w.copy_(orig)
-        else:
-            w.copy_((w.float() - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+        orig = sa.__dict__.get("_lorafx_original")
+        restored.append(orig if orig is not None else (_acc(w) - _delta(sa, sa.merged).to(w.device)).to(w.dtype))
+    merged_weights = []
+    try:
+        for sa, new in zip(sites, restored, strict=True):
+            w = _weight(model, sa)
+            merged_weights.append((w, w.detach().clone()))
+            w.copy_(new)
+    except BaseException:
+        for w, old in merged_weights:
+            w.copy_(old)
+        raise
+    for sa in sites:
+        sa.__dict__.pop("_lorafx_original", None)
         sa.merged = None
 
 

@@ -309,7 +309,10 @@ BAD = [
     (["demo:mlp", "--spec", "{tmp}/bad_field.json"], "unknown config field(s) ['rank']"),
     (["demo:mlp", "--spec", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML"),
     (["demo:mlp", "--spec", "{tmp}/missing.json"], "missing.json: no such spec file"),
-    (["demo:mlp", "--variant", "nope"], "unknown variant 'nope'; known variants: capaboost, celora, droplora, lora, mor, unilora"),
+    (
+        ["demo:mlp", "--variant", "nope"],
+        "unknown variant 'nope'; known variants: capaboost, celora, droplora, lora, mor, unilora",
+    ),
     (["demo:mlp", "--r", "0"], "r must be a positive int"),
     (["demo:mlp", "--set", "rslora"], "expected FIELD=VALUE"),
     (

@@ -1,0 +1,420 @@
+"""One table of bad inputs: each row must raise its error class, with a message naming what is wrong
+(the key, site, file, field or variant), and must leave the model bit for bit as it was.
+
+``PYTHONPATH=.:tests python tests/test_bad_input.py`` prints the table with the real messages as
+Markdown (the README's "Bad input" table is that output).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from model_state import assert_unchanged, snapshot
+from safetensors.torch import load_file, save_file
+from variant_cases import example_configs
+
+import lorafx
+from lorafx.errors import AdapterFileError, NotMergeableError, SpecError
+from lorafx.models import tiny_llama
+
+Q = "model.layers.0.self_attn.q_proj"  # a site every file below has
+
+
+def llama(layers: int = 1, intermediate: int = 64):
+    return tiny_llama(seed=0, hidden=32, layers=layers, intermediate=intermediate, heads=2, kv_heads=1, vocab=64)
+
+
+def adapted(targets="all-linear"):
+    return lorafx.apply(llama(), lorafx.Spec(lorafx.LoRA(r=4, alpha=8, init="random"), targets=targets))
+
+
+def _edit_tensors(path: Path, edit: Callable[[dict], None]) -> None:
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def lorafx_dir(tmp: Path, tensors=None, meta=None, raw=None) -> Path:
+    """A saved lorafx adapter of ``adapted()``, then broken by the given edits."""
+    d = lorafx.save_adapter(adapted(), tmp / "adapter")
+    if tensors:
+        _edit_tensors(d / "lorafx_adapter.safetensors", tensors)
+    if meta:
+        _edit_json(d / "lorafx_adapter.json", meta)
+    if raw:
+        raw(d)
+    return d
+
+
+def peft_dir(tmp: Path, tensors=None, config=None, raw=None) -> Path:
+    """A PEFT LoRA directory written by ``lorafx.to_peft``, then broken by the given edits."""
+    d = lorafx.to_peft(adapted(), tmp / "peft")
+    if tensors:
+        _edit_tensors(d / "adapter_model.safetensors", tensors)
+    if config:
+        _edit_json(d / "adapter_config.json", config)
+    if raw:
+        raw(d)
+    return d
+
+
+def truncate(name: str):
+    def cut(d: Path) -> None:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 2])
+
+    return cut
+
+
+def corrupt_header(name: str):
+    def smash(d: Path) -> None:
+        data = bytearray((d / name).read_bytes())
+        data[8:24] = b"\xff" * 16  # the JSON header starts at byte 8
+        (d / name).write_bytes(bytes(data))
+
+    return smash
+
+
+def pk(site: str, ab: str) -> str:
+    return f"base_model.model.{site}.lora_{ab}.weight"
+
+
+@dataclass
+class Case:
+    """``run(tmp)`` returns (the failing call, the model it must leave unchanged or None, a dict
+    used to format ``needles``): strings the message must contain."""
+
+    name: str
+    run: Callable
+    error: type
+    needles: tuple[str, ...]
+
+
+def load(make_dir, model=None, loader=None):
+    def run(tmp):
+        d, m = make_dir(tmp), model() if model else llama()
+        return (lambda: (loader or lorafx.load_adapter)(m, d)), m, {"dir": str(d)}
+
+    return run
+
+
+def call(fn, model=None):
+    def run(tmp):
+        m = model() if model else None
+        return (lambda: fn(m)), m, {}
+
+    return run
+
+
+def spec(**kw):
+    return lambda m: lorafx.apply(m, lorafx.Spec(**{"config": lorafx.LoRA(r=4), **kw}))
+
+
+DROP_A = lambda t: t.pop(f"{Q}.lora_A")  # noqa: E731
+CASES = [
+    # -- lorafx adapter files ------------------------------------------------------------------
+    Case(
+        "adapter file: missing key",
+        load(lambda t: lorafx_dir(t, tensors=DROP_A)),
+        AdapterFileError,
+        ("missing keys", f"{Q}.lora_A", "{dir}"),
+    ),
+    Case(
+        "adapter file: unexpected key",
+        load(lambda t: lorafx_dir(t, tensors=lambda s: s.update(extra=torch.zeros(2)))),
+        AdapterFileError,
+        ("unexpected keys", "'extra'"),
+    ),
+    Case(
+        "adapter file: mis-shaped key",
+        load(lambda t: lorafx_dir(t, tensors=lambda s: s.update({f"{Q}.lora_A": torch.zeros(3, 32)}))),
+        AdapterFileError,
+        (f"{Q}.lora_A", "[3, 32]", "[4, 32]"),
+    ),
+    Case(
+        "adapter file: wrong dtype (int32)",
+        load(lambda t: lorafx_dir(t, tensors=lambda s: s.update({f"{Q}.lora_B": s[f"{Q}.lora_B"].int()}))),
+        AdapterFileError,
+        (f"{Q}.lora_B", "torch.int32"),
+    ),
+    Case(
+        "adapter file: truncated safetensors",
+        load(lambda t: lorafx_dir(t, raw=truncate("lorafx_adapter.safetensors"))),
+        AdapterFileError,
+        ("lorafx_adapter.safetensors", "cannot read"),
+    ),
+    Case(
+        "adapter file: corrupted safetensors header",
+        load(lambda t: lorafx_dir(t, raw=corrupt_header("lorafx_adapter.safetensors"))),
+        AdapterFileError,
+        ("lorafx_adapter.safetensors", "cannot read"),
+    ),
+    Case(
+        "adapter file: empty safetensors",
+        load(lambda t: lorafx_dir(t, raw=lambda d: (d / "lorafx_adapter.safetensors").write_bytes(b""))),
+        AdapterFileError,
+        ("lorafx_adapter.safetensors",),
+    ),
+    Case(
+        "adapter file: JSON missing",
+        load(lambda t: lorafx_dir(t, raw=lambda d: (d / "lorafx_adapter.json").unlink())),
+        AdapterFileError,
+        ("lorafx_adapter.json", "no such file"),
+    ),
+    Case(
+        "adapter file: JSON not valid",
+        load(lambda t: lorafx_dir(t, raw=lambda d: (d / "lorafx_adapter.json").write_text("{oops"))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "not valid JSON"),
+    ),
+    Case(
+        "adapter file: unknown format_version",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m.update(format_version=99))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "format_version 99"),
+    ),
+    Case(
+        "adapter file: spec of unknown version",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"].update(format_version=7))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "format_version 7"),
+    ),
+    Case(
+        "adapter file: spec of unknown variant",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(variant="lorax"))),
+        AdapterFileError,
+        ("unknown variant 'lorax'", "lora"),
+    ),
+    Case(
+        "adapter file: variant config of unknown version",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(version=5))),
+        AdapterFileError,
+        ("variant 'lora'", "version 5"),
+    ),
+    Case(
+        "adapter file: unknown config field",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(rank=4))),
+        AdapterFileError,
+        ("unknown config field(s) ['rank']",),
+    ),
+    Case(
+        "adapter file: base model with other shapes",
+        load(lorafx_dir, model=lambda: llama(intermediate=48)),
+        AdapterFileError,
+        ("different base model", "model.layers.0.mlp.up_proj", "[64, 32]", "[48, 32]"),
+    ),
+    Case(
+        "adapter file: base model with other sites",
+        load(lorafx_dir, model=lambda: llama(layers=2)),
+        AdapterFileError,
+        ("different base model", "model.layers.1."),
+    ),
+    Case(
+        "adapter file: directory missing", load(lambda t: t / "nowhere"), AdapterFileError, ("nowhere", "no such file")
+    ),
+    # -- PEFT files -------------------------------------------------------------------------------
+    Case(
+        "PEFT file: missing key",
+        load(lambda t: peft_dir(t, tensors=lambda s: s.pop(pk(Q, "B"))), loader=lorafx.from_peft),
+        AdapterFileError,
+        ("missing keys", f"{Q}.lora_B"),
+    ),
+    Case(
+        "PEFT file: unexpected key",
+        load(
+            lambda t: peft_dir(t, tensors=lambda s: s.update({pk("lm_head", "A"): torch.zeros(4, 32)})),
+            loader=lorafx.from_peft,
+        ),
+        AdapterFileError,
+        ("unexpected keys", "lm_head"),
+    ),
+    Case(
+        "PEFT file: mis-shaped key",
+        load(
+            lambda t: peft_dir(t, tensors=lambda s: s.update({pk(Q, "B"): torch.zeros(32, 8)})), loader=lorafx.from_peft
+        ),
+        AdapterFileError,
+        (f"{Q}.lora_B", "[32, 8]", "[32, 4]"),
+    ),
+    Case(
+        "PEFT file: wrong dtype (bool)",
+        load(
+            lambda t: peft_dir(t, tensors=lambda s: s.update({pk(Q, "A"): s[pk(Q, "A")] > 0})), loader=lorafx.from_peft
+        ),
+        AdapterFileError,
+        (f"{Q}.lora_A", "torch.bool"),
+    ),
+    Case(
+        "PEFT file: truncated safetensors",
+        load(lambda t: peft_dir(t, raw=truncate("adapter_model.safetensors")), loader=lorafx.from_peft),
+        AdapterFileError,
+        ("adapter_model.safetensors", "cannot read"),
+    ),
+    Case(
+        "PEFT file: not LoRA (peft_type IA3)",
+        load(lambda t: peft_dir(t, config=lambda c: c.update(peft_type="IA3")), loader=lorafx.from_peft),
+        AdapterFileError,
+        ("adapter_config.json", "'IA3'"),
+    ),
+    Case(
+        "PEFT file: DoRA",
+        load(lambda t: peft_dir(t, config=lambda c: c.update(use_dora=True)), loader=lorafx.from_peft),
+        AdapterFileError,
+        ("adapter_config.json", "use_dora=True"),
+    ),
+    Case(
+        "PEFT file: target_modules match nothing",
+        load(lambda t: peft_dir(t, config=lambda c: c.update(target_modules=["qkv"])), loader=lorafx.from_peft),
+        SpecError,
+        ("['qkv']", "match no linear site"),
+    ),
+    Case(
+        "PEFT file: weights missing",
+        load(lambda t: peft_dir(t, raw=lambda d: (d / "adapter_model.safetensors").unlink()), loader=lorafx.from_peft),
+        AdapterFileError,
+        ("adapter_model.safetensors", "no such file"),
+    ),
+    # -- specs and configs ------------------------------------------------------------------------
+    Case(
+        "spec matches nothing",
+        call(spec(targets=["qproj"]), llama),
+        SpecError,
+        ("['qproj']", "match no linear site", "did you mean ['q_proj'"),
+    ),
+    Case("one target entry matches nothing", call(spec(targets=["q_proj", "w_proj"]), llama), SpecError, ("'w_proj'",)),
+    Case(
+        "override pattern matches nothing",
+        call(spec(targets=["q_proj"], overrides={"v_proj": {"r": 2}}), llama),
+        SpecError,
+        ("'v_proj' names linear sites that the targets/exclude do not select",),
+    ),
+    Case(
+        "override with unknown field",
+        call(lambda m: lorafx.Spec(lorafx.LoRA(), overrides={"q_proj": {"rank": 2}})),
+        SpecError,
+        ("overrides['q_proj']", "rank"),
+    ),
+    Case("rank 0", call(lambda m: lorafx.LoRA(r=0)), ValueError, ("r must be a positive int", "0")),
+    Case("rank -1", call(lambda m: lorafx.LoRA(r=-1)), ValueError, ("r must be a positive int", "-1")),
+    Case(
+        "rank of wrong type (2.5)", call(lambda m: lorafx.LoRA(r=2.5)), ValueError, ("r must be a positive int", "2.5")
+    ),
+    Case("alpha <= 0", call(lambda m: lorafx.LoRA(alpha=0)), ValueError, ("alpha",)),
+    Case("dropout 1.0", call(lambda m: lorafx.LoRA(dropout=1.0)), ValueError, ("dropout",)),
+    Case(
+        "unknown variant",
+        call(lambda m: lorafx.Spec.from_dict({"config": {"variant": "qlora"}})),
+        SpecError,
+        ("unknown variant 'qlora'", "known variants"),
+    ),
+    Case(
+        "spec of unknown version",
+        call(lambda m: lorafx.Spec.from_dict({"format_version": 2, "config": {"variant": "lora"}})),
+        SpecError,
+        ("format_version 2",),
+    ),
+    Case("Spec.config of wrong type", call(lambda m: lorafx.Spec("lora")), SpecError, ("Spec.config", "'lora'")),
+    Case(
+        "Spec.targets of wrong type",
+        call(lambda m: lorafx.Spec(lorafx.LoRA(), targets=5)),
+        SpecError,
+        ("Spec.targets", "5"),
+    ),
+    Case(
+        "Spec.targets regex does not compile",
+        call(lambda m: lorafx.Spec(lorafx.LoRA(), targets="q_proj(")),
+        SpecError,
+        ("'q_proj('", "does not compile"),
+    ),
+    Case(
+        "apply() given a non-Spec", call(lambda m: lorafx.apply(m, {"r": 4}), llama), SpecError, ("lorafx.Spec", "dict")
+    ),
+    Case(
+        "adapter name not an identifier",
+        call(lambda m: lorafx.apply(m, lorafx.Spec(lorafx.LoRA()), name="my adapter"), llama),
+        SpecError,
+        ("'my adapter'",),
+    ),
+    Case(
+        "adapter name already used",
+        call(lambda m: lorafx.apply(m, lorafx.Spec(lorafx.LoRA())), adapted),
+        SpecError,
+        ("'default' already exists",),
+    ),
+    # -- state changes ----------------------------------------------------------------------------
+    Case(
+        "set_adapter to an unknown name",
+        call(lambda m: lorafx.set_adapter(m, "other"), adapted),
+        SpecError,
+        ("'other'", "['default']"),
+    ),
+    Case(
+        "merge twice",
+        call(lambda m: (lorafx.merge(m), lorafx.merge(m)), adapted),
+        SpecError,
+        ("'default' is already merged",),
+    ),
+    Case("unmerge with nothing merged", call(lambda m: lorafx.unmerge(m), adapted), SpecError, ("nothing is merged",)),
+    Case(
+        "merge a model lorafx never adapted",
+        call(lambda m: lorafx.merge(m), llama),
+        SpecError,
+        ("LlamaForCausalLM", "lorafx.apply"),
+    ),
+]
+if "mor" in example_configs():
+    CASES.append(
+        Case(
+            "merge a non-mergeable variant (MoR)",
+            call(
+                lorafx.merge, lambda: lorafx.apply(llama(), lorafx.Spec(example_configs()["mor"], targets=["q_proj"]))
+            ),
+            NotMergeableError,
+            (Q, "'mor'"),
+        ),
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, tmp_path):
+    fn, model, ctx = case.run(tmp_path)
+    before = snapshot(model) if model is not None else None
+    with pytest.raises(case.error) as err:
+        fn()
+    message = str(err.value)
+    for needle in case.needles:
+        assert needle.format(**ctx) in message, f"{needle!r} not in {message!r}"
+    if case.name == "merge twice":  # the first merge succeeded on purpose; the second changed nothing
+        assert lorafx.is_merged(model)
+    elif model is not None:
+        assert_unchanged(before, model)
+
+
+def markdown_table() -> str:
+    rows = ["| bad input | error | message (real run) |", "|---|---|---|"]
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            fn, _, _ = case.run(Path(tmp))
+            try:
+                fn()
+                message, cls = "NO ERROR", "-"
+            except Exception as e:  # the table shows whatever happened
+                message, cls = str(e).replace(tmp, "DIR").replace("|", "\\|"), type(e).__name__
+        rows.append(f"| {case.name} | `{cls}` | {message} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
