@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,11 +12,10 @@ from torch import nn
 
 import lorafx
 from lorafx.adapter import Adapter, Lowered
-from lorafx.config import AdapterConfig, register_variant
+from lorafx.config import _VARIANTS, AdapterConfig, register_variant
 from tests.tolerances import ONNX_FP32
 
 
-@register_variant
 @dataclass(frozen=True)
 class GatedForTests(AdapterConfig):
     """A gated variant shaped like MoR (softmax router over rank slots), so the ``params`` export form
@@ -80,3 +80,14 @@ def initializer_shapes(path) -> list[tuple]:
     import onnx
 
     return sorted(tuple(t.dims) for t in onnx.load(str(path)).graph.initializer)
+
+
+@contextlib.contextmanager
+def gated_registered():
+    """Register :class:`GatedForTests` for the duration (its adapter files name it), then remove it
+    so that no other test sees a test-only variant in the registry."""
+    register_variant(GatedForTests)
+    try:
+        yield
+    finally:
+        _VARIANTS.pop(GatedForTests.name, None)

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,8 @@ def test_bench_runs_scripts_and_writes_summary(tmp_path):
     (bench / "gpu.py").write_text("print('no CUDA device here; nothing to do')\n")
     (bench / "results").mkdir()
     (bench / "results" / "gpu.md").write_text("| kernel | ms |\n|---|---|\n| fused | 0.1 |\n")
+    old = time.time() - 3600  # an earlier run's table: older than this run's start, whatever the clock granularity
+    os.utime(bench / "results" / "gpu.md", (old, old))
     r = cli("bench", "--quick", "--dir", str(bench))
     assert r.returncode == 0, r.stderr
     assert json.loads((bench / "results" / "toy.json").read_text())["quick"] is True  # --quick reached it

@@ -16,10 +16,16 @@ import lorafx
 from lorafx.errors import NotMergeableError
 from lorafx.export import AdapterSession, form_of, to_onnx
 from lorafx.models import tiny_mlp
-from tests.export_helpers import GatedForTests, close, eager, op_types, perturb
+from tests.export_helpers import GatedForTests, close, eager, gated_registered, op_types, perturb
 from tests.variant_cases import example_configs
 
 CONFIGS = {**example_configs(), "gated_for_tests": GatedForTests(r=4)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    with gated_registered():
+        yield
 
 
 def _two_adapters(config):

@@ -167,7 +167,7 @@ def _from_lorafx_dir(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
     for cls, group in groups.items():
         shared = cls.finalize(group, name)
         if shared is not None:
-            modules[f"lorafx_shared.{name}__{cls.name}"] = shared
+            modules[f"lorafx_shared.{cls.name}"] = shared  # files key shared state by variant, not name
     check_state(_state(modules), state, str(directory / WEIGHTS))
     with torch.no_grad():
         for prefix, module in modules.items():
