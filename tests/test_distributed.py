@@ -145,12 +145,9 @@ VARIANTS = list(example_configs())
 # Variants whose training is not a function of the global batch alone, with the reason (strict xfail:
 # the entry must go when the variant is fixed).
 NOT_BATCH_INVARIANT = {
-    # CE-LoRA picks its kept output channels I from ‖G[:, i]‖ of the batch in the backward; each rank
-    # sees only its half of the batch, so ranks keep different channels and the averaged gradient is
-    # not the global-batch one (the ranks stay in sync; the run is just a different approximation).
-    # Measured: max |Δ lora_A| 1.6e-3 after 4 steps. Fix (tested, 24/24 pass): in celora's _select,
-    # torch.distributed.all_reduce the per-channel sums of G² before ranking when a group is initialised.
-    "celora": "CE-LoRA selects kept channels from each rank's local gradient",
+    # Empty: CE-LoRA, which picks kept output channels from ‖G[:, i]‖ in the backward, all-reduces those
+    # norms across ranks (celora._select) so every rank ranks on the global batch. Without that, ranks
+    # kept different channels: max |Δ lora_A| 1.6e-3 after 4 steps vs one process.
 }
 PARITY = [
     pytest.param(n, marks=pytest.mark.xfail(reason=NOT_BATCH_INVARIANT[n], strict=True))

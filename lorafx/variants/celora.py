@@ -202,7 +202,12 @@ class CELoRAAdapter(Adapter):
         if self.config.amm_bug:
             norms = self.res_norm  # released code: (G**2).sum(dim=[0, 1]) is a scalar, ranking is static
         else:
-            norms = G.float().pow(2).sum(0).sqrt() * self.res_norm
+            sq = G.float().pow(2).sum(0)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Under DDP/FSDP each rank sees its shard of the batch; rank on the global batch's column
+                # norms so every rank keeps the same channels as one process would (d_out floats).
+                torch.distributed.all_reduce(sq)
+            norms = sq.sqrt() * self.res_norm
         self.index = torch.topk(norms, self.k).indices.sort().values
         self._rows, self.refresh_pending = None, False
 
