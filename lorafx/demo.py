@@ -1,5 +1,9 @@
 """``lorafx demo``: every variant on a built-in tiny Llama, end to end, in one table.
 
+Per variant: apply, train, merge (or the refusal, for MoR), compile with inductor and compare with
+eager, export to ONNX (unmerged, and merged where the math allows) and compare onnxruntime's outputs
+with eager PyTorch.
+
 The task needs no data: a *teacher* is the frozen base model plus a hidden low-rank change to some of
 its projections; each *student* (the base model with one adapter variant) is trained for the same
 number of steps on random token sequences to match the teacher's logits (MSE). A variant that
@@ -110,10 +114,32 @@ class Row:
     mergeable: bool
     merge_err: float | None
     seconds: float
+    compile_err: float | None = None  # max |compiled − eager| on the logits (None: not run)
+    onnx_err: float | None = None  # max |onnxruntime − eager|, unmerged export with adapters as inputs
+    onnx_merged_err: float | None = None  # max |onnxruntime − eager|, merged export (mergeable only)
     extra: dict = field(default_factory=dict)
 
 
-def run_variant(name: str, spec: lorafx.Spec, task: TeacherTask, on_step=None) -> Row:
+CHECKS = ("compile", "onnx")
+
+
+def serving_checks(model: nn.Module, ids: torch.Tensor, mergeable: bool, checks=CHECKS) -> dict:
+    """The demo's compile and ONNX columns for one trained model (eval mode, no grad)."""
+    out = {}
+    model.eval()
+    if "compile" in checks:
+        torch._dynamo.reset()  # each variant compiles from scratch; the cache limit is per code object
+        out["compile_err"] = lorafx.compile_check(model, (ids,))
+    if "onnx" in checks:
+        from lorafx.export import check_onnx
+
+        out["onnx_err"] = check_onnx(model, {"input_ids": ids}, mode="unmerged")
+        if mergeable:
+            out["onnx_merged_err"] = check_onnx(model, {"input_ids": ids}, mode="merged")
+    return out
+
+
+def run_variant(name: str, spec: lorafx.Spec, task: TeacherTask, on_step=None, checks=()) -> Row:
     t0 = time.perf_counter()
     model = lorafx.apply(copy.deepcopy(task.base), spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,22 +152,49 @@ def run_variant(name: str, spec: lorafx.Spec, task: TeacherTask, on_step=None) -
             lorafx.merge(model)
             merge_err = (model(task.eval_batch).logits - ref).abs().max().item()
             lorafx.unmerge(model)
-    return Row(name, trainable, before, after, mergeable, merge_err, time.perf_counter() - t0)
+    served = serving_checks(model, task.eval_batch, mergeable, checks) if checks else {}
+    return Row(name, trainable, before, after, mergeable, merge_err, time.perf_counter() - t0, **served)
+
+
+def _err(value: float | None, missing: str = "–") -> str:
+    return f"{value:.1e}" if value is not None else missing
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'variant':<10} {'trainable':>10} {'loss before':>12} {'loss after':>11} {'cut':>6} {'mergeable':>9} {'merged-unmerged':>16} {'time s':>7}"
-    lines = [head, "-" * len(head)]
+    """The demo table: one row per variant; errors are max absolute differences on the logits."""
+    cols = ["variant", "trainable", "loss before", "loss after", "cut", "merged−unmerged"]
+    with_checks = any(r.compile_err is not None or r.onnx_err is not None for r in rows)
+    if with_checks:
+        cols += ["compiled−eager", "ORT−eager unmerged", "ORT−eager merged"]
+    cols.append("time s")
+    body = []
     for r in rows:
-        cut = f"{(1 - r.loss_after / r.loss_before) * 100:5.1f}%"
-        merr = f"{r.merge_err:.2e}" if r.merge_err is not None else "refused"
-        lines.append(
-            f"{r.variant:<10} {r.trainable:>10,} {r.loss_before:>12.4f} {r.loss_after:>11.4f} {cut:>6} {'yes' if r.mergeable else 'no':>9} {merr:>16} {r.seconds:>7.1f}"
+        cells = [
+            r.variant,
+            f"{r.trainable:,}",
+            f"{r.loss_before:.4f}",
+            f"{r.loss_after:.4f}",
+            f"{(1 - r.loss_after / r.loss_before) * 100:.1f}%",
+            _err(r.merge_err, "not mergeable"),
+        ]
+        if with_checks:
+            cells += [
+                _err(r.compile_err),
+                _err(r.onnx_err),
+                _err(r.onnx_merged_err, "refused" if not r.mergeable else "–"),
+            ]
+        body.append([*cells, f"{r.seconds:.1f}"])
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
-    return "\n".join(lines)
+
+    return "\n".join([line(cols), "-" * len(line(cols)), *(line(b) for b in body)])
 
 
-def main(steps: int = 60, seed: int = 0, variants: list[str] | None = None) -> list[Row]:
+def main(steps: int = 60, seed: int = 0, variants: list[str] | None = None, checks=CHECKS) -> list[Row]:
     """Run the demo and print its table; returns the rows."""
     torch.manual_seed(seed)
     task = make_teacher_task(seed=seed, steps=steps)
@@ -150,7 +203,7 @@ def main(steps: int = 60, seed: int = 0, variants: list[str] | None = None) -> l
     for name, spec in specs.items():
         if variants and name not in variants:
             continue
-        rows.append(run_variant(name, spec, task))
+        rows.append(run_variant(name, spec, task, checks=checks))
         print(f"  {name}: loss {rows[-1].loss_before:.4f} -> {rows[-1].loss_after:.4f}", flush=True)
     print()
     print(format_table(rows))

@@ -114,6 +114,9 @@ def test_demo_trains_with_progress():
     spec = demo_specs()["lora"]
     assert f"{trainable(lorafx.apply(tiny_llama(), spec)):,}" in row
     assert "3/3" in r.stderr  # the progress bar counted every training step
+    # merged−unmerged, compiled−eager, ORT−eager unmerged, ORT−eager merged: all real comparisons, all tiny
+    errors = [float(c) for c in row.split()[5:9]]
+    assert len(errors) == 4 and all(0 <= e < 1e-4 for e in errors), row
 
 
 def test_bench_runs_scripts_and_writes_summary(tmp_path):

@@ -65,17 +65,6 @@ def test_unknown_model_source_is_a_clear_error(tmp_path, capsys):
     assert "demo:tiny-llama" in capsys.readouterr().err
 
 
-def test_readme_serving_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    text = (Path(__file__).parent.parent / "docs" / "readme" / "onnx.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs/readme/onnx.md", "exec"), {})
-    diff = float(capsys.readouterr().out.rsplit("=", 1)[1])
-    assert diff <= 1e-4
-
-
 def test_export_saved_adapters_multi(tmp_path, capsys):
     import lorafx
     from lorafx.models import tiny_mlp

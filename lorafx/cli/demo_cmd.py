@@ -13,7 +13,7 @@ from lorafx.cli.ui import plain
 from lorafx.errors import SpecError
 
 EXAMPLES = """examples:
-  lorafx demo --steps 10 --variants lora
+  lorafx demo --steps 10 --variants lora --skip compile,onnx
   lorafx demo
 """
 
@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated subset, e.g. lora,mor",
     )
+    p.add_argument(
+        "--skip",
+        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        default=[],
+        help="comma-separated checks to leave out: compile (inductor vs eager), onnx (onnxruntime vs eager)",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,13 +56,17 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SpecError(f"--variants {','.join(unknown)}: not in the demo; demo variants: {', '.join(specs)}")
     chosen = {n: s for n, s in specs.items() if not args.variants or n in args.variants}
+    bad = sorted(set(args.skip) - set(demo.CHECKS))
+    if bad:
+        raise SpecError(f"--skip {','.join(bad)}: unknown check; checks: {', '.join(demo.CHECKS)}")
+    checks = tuple(c for c in demo.CHECKS if c not in args.skip)
     torch.manual_seed(args.seed)
     task = demo.make_teacher_task(seed=args.seed, steps=args.steps)
     rows = []
     with progress() as bar:
         for name, spec in chosen.items():
             t = bar.add_task(f"training {name}", total=args.steps)
-            rows.append(demo.run_variant(name, spec, task, on_step=lambda t=t: bar.advance(t)))
+            rows.append(demo.run_variant(name, spec, task, on_step=lambda t=t: bar.advance(t), checks=checks))
             bar.update(t, description=f"{name}: loss {rows[-1].loss_before:.4f} -> {rows[-1].loss_after:.4f}")
     print(demo.format_table(rows))
     return 0

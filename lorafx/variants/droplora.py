@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch import nn
 
-from lorafx.adapter import Adapter, Lowered
+from lorafx.adapter import Lowered
 from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import check_rank_alpha_dropout, init_lora_pair
+from lorafx.variants.lora import LoRAAdapter, check_rank_alpha_dropout
 
 
 @register_variant
@@ -61,16 +60,9 @@ class DropLoRA(AdapterConfig):
         return DropLoRAAdapter(self, in_features, out_features, site)
 
 
-class DropLoRAAdapter(Adapter):
-    """``lora_A [r, d_in]``, ``lora_B [d_out, r]``; the gate is a fresh rank-slot mask in training only."""
-
-    def __init__(self, config: DropLoRA, in_features: int, out_features: int, site: str):
-        super().__init__(config, in_features, out_features, site)
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
-        self.lora_B = nn.Parameter(torch.empty(out_features, config.r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scale = config.scale
-        init_lora_pair(self.lora_A, self.lora_B, config.init)
+class DropLoRAAdapter(LoRAAdapter):
+    """LoRA's parameters (``lora_A [r, d_in]``, ``lora_B [d_out, r]``, same init); the gate is a fresh
+    rank-slot mask in training only, so eval and merge are LoRA's own."""
 
     def lower(self, x: torch.Tensor) -> Lowered:
         p = self.config.rank_dropout
@@ -80,6 +72,3 @@ class DropLoRAAdapter(Adapter):
             keep = torch.empty(*x.shape[:-1], self.config.r, device=x.device, dtype=self.lora_A.dtype)
             gate = keep.bernoulli_(1.0 - p) / (1.0 - p)
         return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale, gate)
-
-    def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.lora_A, self.lora_B, self.scale
