@@ -181,7 +181,7 @@ def format_table(rows: list[Row]) -> str:
             cells += [
                 _err(r.compile_err),
                 _err(r.onnx_err),
-                _err(r.onnx_merged_err, "refused" if not r.mergeable else "–"),
+                _err(r.onnx_merged_err, "refused" if r.onnx_err is not None and not r.mergeable else "–"),
             ]
         body.append([*cells, f"{r.seconds:.1f}"])
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
