@@ -80,3 +80,38 @@ def test_export_saved_adapters_multi(tmp_path, capsys):
     assert "['default', 'default_1']" in out and float(out.rsplit(":", 1)[1]) <= 1e-4
     manifest = json.loads((tmp_path / "out" / "lorafx_export.json").read_text())
     assert manifest["sites"][0]["tensors"]["up.A"]["shape"] == [4, 32]  # the larger rank; rank 2 is padded
+
+
+def test_export_a_peft_checkpoint_with_its_weights(tmp_path, capsys):
+    import lorafx
+    from lorafx.models import tiny_llama
+
+    torch.manual_seed(3)
+    trained = lorafx.apply(tiny_llama(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["q_proj", "v_proj"]))
+    lorafx.to_peft(trained, tmp_path / "peft")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "export",
+                "demo:tiny-llama",
+                "--peft",
+                str(tmp_path / "peft"),
+                "--mode",
+                "merged",
+                "--out",
+                str(out),
+                "--check",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert float(text.rsplit("eager:", 1)[1]) < 1e-4
+    sess = AdapterSession(out)
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        want = trained(ids).logits.numpy()
+    got = sess.run({"input_ids": ids})["logits"]
+    assert abs(got - want).max() < 1e-4  # the PEFT weights, not a fresh init, are in the graph
+    assert abs(got - tiny_llama()(ids).logits.detach().numpy()).max() > 1e-3

@@ -10,21 +10,22 @@ modes:
   multi     K adapters stacked on a leading axis plus an adapter_ids [batch] input: one run serves
             a batch whose rows use different adapters (Gather + MatMul, standard ONNX only).
 
-Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable) or from a spec
-(--spec FILE.json, or --variant/--r/--targets), which adds freshly initialised adapters: a layout to
-serve trained adapters with later (lorafx.export.AdapterSession.load_adapter).
+Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable), --peft DIR (a PEFT
+LoRA checkpoint, weights included), or a spec (--spec FILE, or --variant/--r/--targets), which adds
+freshly initialised adapters: a layout to serve trained adapters with later
+(lorafx.export.AdapterSession.load_adapter). Models are named as for every lorafx subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from lorafx.cli.sources import MODEL_HELP, add_spec_arguments, load_model, spec_from_args
+
 EPILOG = """examples:
   lorafx export demo:tiny-llama --mode unmerged --variant lora --r 8 --targets q_proj,v_proj --out out/llama --check
   lorafx export demo:mlp --mode merged --variant lora --r 4 --targets up,mid --out out/mlp
   lorafx export demo:tiny-llama --mode multi --slots 4 --variant lora --r 8 --targets q_proj,v_proj --out out/multi
-
-models: demo:tiny-llama, demo:mlp, demo:minilm, demo:bench-llama (built in, no download)
 """
 
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="model source: demo:tiny-llama, demo:mlp, demo:minilm or demo:bench-llama")
+    p.add_argument("model", help=f"model source: {MODEL_HELP}")
     p.add_argument(
         "--mode",
         choices=["merged", "unmerged", "multi"],
@@ -51,11 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="a lorafx.save_adapter directory to load (repeatable)",
     )
-    p.add_argument("--spec", metavar="FILE", help="a lorafx spec JSON file (lorafx.Spec.to_json)")
-    p.add_argument("--variant", help="variant name for a spec built from flags, e.g. lora")
-    p.add_argument("--r", type=int, help="rank for --variant")
-    p.add_argument("--alpha", type=float, help="alpha for --variant")
-    p.add_argument("--targets", help="comma-separated target names for --variant (default all-linear)")
     p.add_argument("--slots", type=int, default=2, help="multi mode with a spec: number of adapter slots K (default 2)")
     p.add_argument("--rank", type=int, help="export width R (>= the adapters' ranks) to serve larger adapters later")
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
@@ -63,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
     )
+    add_spec_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -75,11 +72,15 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = load_model(args.model)
     names = []
+    if args.peft is not None:  # a PEFT checkpoint brings its weights: export it as an adapter
+        model = lorafx.from_peft(model, args.peft, name="peft")
+        names.append("peft")
+        args.peft = None
     for i, directory in enumerate(args.adapter):
         name = _adapter_name(directory, names, i)
         model = lorafx.load_adapter(model, directory, name=name, activate=not names)
         names.append(name)
-    spec = _spec(args)
+    spec = spec_from_args(args, model) if _spec_given(args) else None
     if spec is not None:
         count = args.slots if args.mode == "multi" and not names else 1
         for i in range(count):
@@ -115,34 +116,10 @@ def _adapter_name(directory: str, taken: list[str], i: int) -> str:
     return name if name not in taken else f"{name}_{i}"
 
 
-def load_model(source: str):
-    """A built-in demo model by name (``demo:<name>``). Minimal on purpose: lorafx.cli.sources takes over."""
-    from lorafx.errors import SpecError
-    from lorafx.models import BUILTIN
-
-    name = source.removeprefix("demo:")
-    if not source.startswith("demo:") or name not in BUILTIN:
-        raise SpecError(f"unknown model source {source!r}; built-in models: {', '.join('demo:' + n for n in BUILTIN)}")
-    return BUILTIN[name]()
-
-
-def _spec(args: argparse.Namespace):
-    from pathlib import Path
-
-    import lorafx
-    from lorafx.config import variant_class
-
-    if args.spec:
-        return lorafx.Spec.from_json(Path(args.spec).read_text())
-    if not args.variant:
-        return None
-    fields = {k: v for k, v in (("r", args.r), ("alpha", args.alpha)) if v is not None}
-    targets = args.targets.split(",") if args.targets else "all-linear"
-    try:
-        config = variant_class(args.variant)(**fields)
-    except TypeError as e:
-        raise lorafx.SpecError(f"variant {args.variant!r}: {e}") from None
-    return lorafx.Spec(config, targets=targets)
+def _spec_given(args: argparse.Namespace) -> bool:
+    """Whether any spec flag was given (without one, export only what --adapter/--peft bring)."""
+    flags = ("spec", "variant", "r", "alpha", "dropout", "targets", "targets_regex", "exclude")
+    return any(getattr(args, k) is not None for k in flags) or bool(args.set)
 
 
 def example_inputs(model, batch: int, seq: int):
