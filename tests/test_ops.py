@@ -124,3 +124,18 @@ def test_ops_and_passes_import_without_triton_on_cpu():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_celora_input_grad_op_matches_its_formula_and_opchecks():
+    g = torch.Generator().manual_seed(0)
+    T, d_out, d_in, r0, k = 6, 11, 7, 3, 5
+    G, W = torch.randn(T, d_out, generator=g), torch.randn(d_out, d_in, generator=g)
+    B0, A0 = torch.randn(d_out, r0, generator=g), torch.randn(r0, d_in, generator=g)
+    index = torch.randperm(d_out, generator=g)[:k].sort().values
+    rows = (W - B0 @ A0)[index]
+    got = ops.celora_input_grad(G, B0, A0, index, rows)
+    dropped = torch.ones(d_out, dtype=torch.bool)
+    dropped[index] = False
+    # exact ∂x = G W, minus the dropped channels' residual terms
+    assert_close(got, G @ W - G[:, dropped] @ (W - B0 @ A0)[dropped])
+    torch.library.opcheck(ops.celora_input_grad, (G, B0, A0, index, rows), test_utils=OPCHECK_TESTS)

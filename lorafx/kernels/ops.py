@@ -7,6 +7,9 @@
   (``lorafx.passes.fuse_shrinks``) computes the shrinks of q/k/v in one matmul and calls this.
 * ``lorafx::lora_linear_multi(x, W, b, A, B, s, idx)``: a batch that mixes adapters (Punica/S-LoRA):
   ``A [n, R, d_in]``, ``B [n, d_out, R]``, ``s [n]`` stacked, ``idx [T]`` the adapter of each row.
+* ``lorafx::celora_input_grad(G, B0, A0, index, rows)``: CE-LoRA's approximate ∂x of the frozen
+  ``x Wᵀ``, ``(G B0) A0 + G[:, I]·Res[I, :]`` (Double-LoRA + top-k AMM). It is stateless: choosing
+  ``I`` (a step-scheduled side effect) stays in the CE-LoRA adapter, outside the op.
 
 ``s`` is a tensor (``[]`` or ``[n]``) so that torch.compile never guards on its value. The CPU (and
 default) implementation is the plain-PyTorch composite in the cheap order (``x_in Aᵀ`` first, never a
@@ -239,6 +242,19 @@ def _backward_multi(ctx, dy):
 lora_linear.register_autograd(_backward_linear, setup_context=_setup_linear)
 lora_expand.register_autograd(_backward_expand, setup_context=_setup_expand)
 lora_linear_multi.register_autograd(_backward_multi, setup_context=_setup_multi)
+
+
+@torch.library.custom_op("lorafx::celora_input_grad", mutates_args=())
+def celora_input_grad(G: Tensor, B0: Tensor, A0: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``(G B0) A0 + G[:, index] · rows`` for ``G [T, d_out]``, ``B0 [d_out, r0]``, ``A0 [r0, d_in]``,
+    ``rows = (W − B0 A0)[index] [k, d_in]``: 2T·r0·(d_in+d_out) + 2T·k·d_in FLOPs instead of 2T·d_out·d_in."""
+    # index_select, not G[:, I]: 0.12 ms vs 0.55 ms for T=512, k=563 (1 CPU thread).
+    return torch.addmm((G @ B0) @ A0, torch.index_select(G, 1, index), rows)
+
+
+@celora_input_grad.register_fake
+def _(G, B0, A0, index, rows):
+    return G.new_empty(G.shape[0], A0.shape[1])
 
 
 TRITON_OP = None  # lorafx::lora_linear_triton once registered (CUDA + triton); see _register_cuda
