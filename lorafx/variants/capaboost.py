@@ -23,7 +23,7 @@ from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import check_rank_alpha_dropout, init_lora_pair
+from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair
 
 
 @register_variant
@@ -63,8 +63,7 @@ class CapaBoost(AdapterConfig):
             raise ValueError(f"capaboost: density must be in (0, 1], got {self.density!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"capaboost: seed must be a non-negative int, got {self.seed!r}")
-        if self.init not in ("default", "gaussian", "random"):
-            raise ValueError(f"capaboost: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+        check_init(self)
 
     @property
     def scale(self) -> float:

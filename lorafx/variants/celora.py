@@ -35,7 +35,7 @@ from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import check_rank_alpha_dropout, init_lora_pair
+from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair, lora_scale
 
 
 @register_variant
@@ -85,8 +85,7 @@ class CELoRA(AdapterConfig):
             raise ValueError(
                 f"celora: r={self.r} (svd_rank={self.svd_rank}) leaves a LoRA rank r' = {self.lora_rank} < 1"
             )
-        if self.init not in ("default", "gaussian", "random"):
-            raise ValueError(f"celora: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+        check_init(self)
 
     @property
     def lora_rank(self) -> int:
@@ -95,7 +94,7 @@ class CELoRA(AdapterConfig):
 
     @property
     def scale(self) -> float:
-        return self.alpha / math.sqrt(self.lora_rank) if self.rslora else self.alpha / self.lora_rank
+        return lora_scale(self.alpha, self.lora_rank, self.rslora)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> CELoRAAdapter:
         return CELoRAAdapter(self, in_features, out_features, site)

@@ -8,7 +8,6 @@ and merge (VARIANTS.md §5.1); that mismatch is a bug lorafx does not copy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -16,7 +15,7 @@ import torch
 
 from lorafx.adapter import Lowered
 from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import LoRAAdapter, check_rank_alpha_dropout
+from lorafx.variants.lora import LoRAAdapter, check_init, check_rank_alpha_dropout, lora_scale
 
 
 @register_variant
@@ -49,12 +48,11 @@ class DropLoRA(AdapterConfig):
         check_rank_alpha_dropout(self)
         if not 0.0 <= self.rank_dropout < 1.0:
             raise ValueError(f"droplora: rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
-        if self.init not in ("default", "gaussian", "random"):
-            raise ValueError(f"droplora: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+        check_init(self)
 
     @property
     def scale(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+        return lora_scale(self.alpha, self.r, self.rslora)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> DropLoRAAdapter:
         return DropLoRAAdapter(self, in_features, out_features, site)

@@ -28,6 +28,21 @@ def check_rank_alpha_dropout(cfg) -> None:
         raise ValueError(f"{cfg.name}: dropout must be in [0, 1), got {cfg.dropout!r}")
 
 
+INITS = ("default", "gaussian", "random")
+
+
+def check_init(cfg, allowed: tuple[str, ...] = INITS) -> None:
+    """``init`` is one of ``allowed``; ``ValueError`` naming the variant and the choices otherwise."""
+    if cfg.init not in allowed:
+        choices = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
+        raise ValueError(f"{cfg.name}: init must be {choices}, got {cfg.init!r}")
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 @register_variant
 @dataclass(frozen=True)
 class LoRA(AdapterConfig):
@@ -55,12 +70,11 @@ class LoRA(AdapterConfig):
 
     def __post_init__(self):
         check_rank_alpha_dropout(self)
-        if self.init not in ("default", "gaussian", "random"):
-            raise ValueError(f"lora: init must be 'default', 'gaussian' or 'random', got {self.init!r}")
+        check_init(self)
 
     @property
     def scale(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+        return lora_scale(self.alpha, self.r, self.rslora)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> LoRAAdapter:
         return LoRAAdapter(self, in_features, out_features, site)

@@ -25,7 +25,7 @@ from torch import nn
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
 from lorafx.errors import NotMergeableError
-from lorafx.variants.lora import check_rank_alpha_dropout, init_lora_pair
+from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair
 
 
 @register_variant
@@ -63,8 +63,7 @@ class MoR(AdapterConfig):
             raise ValueError(f"mor: experts must be a positive int, got {self.experts!r}")
         if not self.router_std >= 0:
             raise ValueError(f"mor: router_std must be >= 0, got {self.router_std!r}")
-        if self.init not in ("default", "random"):
-            raise ValueError(f"mor: init must be 'default' or 'random', got {self.init!r}")
+        check_init(self, ("default", "random"))
 
     @property
     def scale(self) -> float:
