@@ -88,6 +88,13 @@ class Adapter(nn.Module):
         acc = torch.promote_types(A.dtype, torch.float32)  # fp64 adapters stay fp64 (fp32 would lose bits)
         return (B.to(acc) @ A.to(acc)) * s
 
+    def attach(self, weight: torch.Tensor, force: bool = False) -> None:
+        """Called by ``apply`` with the site's base weight ``[d_out, d_in]``, after the adapter is moved
+        to the weight's device and the site's train/eval mode, and by ``lorafx.compile`` (``force``)
+        while :attr:`needs_attach`; CE-LoRA takes its SVD here."""
+
+    needs_attach = False  # an adapter that still needs its base weight before it can be compiled
+
     def on_step(self) -> None:
         """Called once per optimizer step by :func:`lorafx.step`; stateful variants (CE-LoRA) override."""
 

@@ -128,7 +128,7 @@ def _build_adapters(model: nn.Module, spec: Spec, selected: dict[str, str], name
     adapters = {}
     for fqn in selected:
         lin = linears[fqn]
-        d_in, d_out, _ = linear_shape(lin)
+        d_in, d_out, fan_in_fan_out = linear_shape(lin)
         cfg, _pattern = spec.config_for(fqn)
         try:
             adapter = cfg.make_adapter(d_in, d_out, fqn)
@@ -139,6 +139,7 @@ def _build_adapters(model: nn.Module, spec: Spec, selected: dict[str, str], name
         # A fresh module is in training mode; follow the site's mode so that adapting an eval() model
         # does not switch on dropout, DropLoRA's rank mask or CE-LoRA's approximate backward.
         adapters[fqn] = adapter.to(device=w.device, dtype=dtype).train(lin.training)
+        adapter.attach(w.t() if fan_in_fan_out else w)
     return adapters
 
 

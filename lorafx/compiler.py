@@ -70,12 +70,23 @@ def compile(
             "pass kernels='triton' (on CPU the op runs the reference composite)"
         )
     use_kernels(model, chosen)
+    _attach_missing(model)
     backend = kwargs.pop("backend", "inductor")
     if fuse_shrinks:
         from lorafx.passes.fuse_shrinks import fusing_backend
 
         backend = fusing_backend(backend)
     return torch.compile(model, fullgraph=fullgraph, backend=backend, **kwargs)
+
+
+def _attach_missing(model: nn.Module) -> None:
+    """Give adapters that ``apply`` could not prepare (CE-LoRA applied to an eval-mode or meta model:
+    no SVD yet) their base weight now, in eager, so that the compiled training graph never needs it."""
+    for fqn, sa in iter_sites(model).items():
+        for adapter in sa.adapters.values():
+            if getattr(adapter, "needs_attach", False):
+                weight = model.get_parameter(f"{fqn}.weight")
+                adapter.attach(weight.t() if sa.fan_in_fan_out else weight, force=True)
 
 
 def compile_check(model: nn.Module, example_inputs: Sequence | dict, **compile_kwargs) -> float:

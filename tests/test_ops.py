@@ -126,16 +126,27 @@ def test_ops_and_passes_import_without_triton_on_cpu():
     assert out.stdout.strip() == "[]"
 
 
-def test_celora_input_grad_op_matches_its_formula_and_opchecks():
+def test_celora_input_grad_op_matches_the_paper_formula_and_opchecks():
     g = torch.Generator().manual_seed(0)
     T, d_out, d_in, r0, k = 6, 11, 7, 3, 5
-    G, W = torch.randn(T, d_out, generator=g), torch.randn(d_out, d_in, generator=g)
-    B0, A0 = torch.randn(d_out, r0, generator=g), torch.randn(r0, d_in, generator=g)
+    G, W = (
+        torch.randn(T, d_out, generator=g, dtype=torch.float64),
+        torch.randn(d_out, d_in, generator=g, dtype=torch.float64),
+    )
+    B0, A0 = (
+        torch.randn(d_out, r0, generator=g, dtype=torch.float64),
+        torch.randn(r0, d_in, generator=g, dtype=torch.float64),
+    )
     index = torch.randperm(d_out, generator=g)[:k].sort().values
-    rows = (W - B0 @ A0)[index]
-    got = ops.celora_input_grad(G, B0, A0, index, rows)
+    got = ops.celora_input_grad(G, W, B0, A0, index)
+    res = W - B0 @ A0
+    # the paper's form, (G B0) A0 + G[:, I]·Res[I, :], written out here
+    assert_close(got, (G @ B0) @ A0 + G[:, index] @ res[index], torch.float64)
     dropped = torch.ones(d_out, dtype=torch.bool)
     dropped[index] = False
-    # exact ∂x = G W, minus the dropped channels' residual terms
-    assert_close(got, G @ W - G[:, dropped] @ (W - B0 @ A0)[dropped])
-    torch.library.opcheck(ops.celora_input_grad, (G, B0, A0, index, rows), test_utils=OPCHECK_TESTS)
+    assert_close(got, G @ W - G[:, dropped] @ res[dropped], torch.float64)  # exact minus the dropped terms
+    everything = torch.arange(d_out)
+    assert_close(ops.celora_input_grad(G, W, B0, A0, everything), G @ W, torch.float64)  # k = d_out: exact
+    torch.library.opcheck(
+        ops.celora_input_grad, (G.float(), W.float(), B0.float(), A0.float(), index), test_utils=OPCHECK_TESTS
+    )

@@ -105,6 +105,20 @@ if INTERPRETED:
         ops.lora_linear_multi(xr, W.float(), b.float(), A, B, s, idx).backward(dy.float())
         assert_close(triton_lora.lora_linear_multi_dx(dy, W, A, B, s, idx).float(), xr.grad, **KERNEL_TOL[dtype])
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("shape", [(37, 33, 23, 7, 14), (5, 19, 40, 1, 3), (17, 48, 20, 16, 47)])
+    def test_celora_input_grad_gathers_the_kept_channels(shape, dtype):
+        """(T, d_out, d_in, r0, k), none a multiple of the blocks; k = d_out - 1 keeps all but one."""
+        T, d_out, d_in, r0, k = shape
+        gen = torch.Generator().manual_seed(k)
+        G, W = torch.randn(T, d_out, generator=gen).to(dtype), (torch.randn(d_out, d_in, generator=gen) / 4).to(dtype)
+        B0, A0 = torch.randn(d_out, r0, generator=gen).to(dtype), torch.randn(r0, d_in, generator=gen).to(dtype)
+        index = torch.randperm(d_out, generator=gen)[:k].sort().values
+        got = triton_lora.celora_input_grad(G, W, B0, A0, index)
+        want = ops.celora_input_grad(*(t.double() for t in (G, W, B0, A0)), index)
+        assert got.dtype == dtype
+        assert_close(got.double(), want, **KERNEL_TOL[dtype])
+
     # ---- compile integration: an opaque custom op that launches the interpreted kernel ----------
 
     @torch.library.custom_op("lorafx_test::lora_linear_interp", mutates_args=())

@@ -37,7 +37,8 @@ def _x_grad(model, x, G):
 
 
 def test_celora_backward_is_double_lora_plus_topk():
-    """One layer, external upstream gradient G: step 1 exact, then ∂x = G W − G[:, Iᶜ] Res[Iᶜ, :]."""
+    """One layer, external upstream gradient G: step 1 exact, then ∂x = G W − G[:, Iᶜ] Res[Iᶜ, :] with I
+    chosen by lorafx.step from step 1's G."""
     model = lorafx.apply(
         one_linear(), lorafx.Spec(lorafx.CELoRA(r=8, alpha=16, keep_ratio=0.3, init="random"), targets=["0"])
     )
@@ -47,6 +48,8 @@ def test_celora_backward_is_double_lora_plus_topk():
     x, G1, G2 = (torch.randn(6, n, dtype=torch.float64, generator=gen) for n in (40, 48, 48))
     lora_x = s * (G1 @ a.lora_B @ a.lora_A).detach()  # the adapter branch's own ∂x, exact always
     assert_close(_x_grad(model, x, G1), G1 @ W + lora_x, torch.float64)  # first step: exact
+    assert a.index.numel() == 0
+    lorafx.step(model)  # chooses I from the last backward's G
     # The test's own Double-LoRA split (rank r0 = int(7·8/8) = 7) and the product-of-norms criterion.
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     Res = W - (U[:, :7] * S[:7]) @ Vh[:7]
@@ -70,28 +73,57 @@ def test_celora_amm_bug_ranks_by_residual_rows_only():
     model = lorafx.apply(one_linear(), lorafx.Spec(lorafx.CELoRA(r=8, keep_ratio=0.3, amm_bug=True), targets=["0"]))
     a, W = ce_adapter(model), model.get_submodule("0").weight.detach()
     _x_grad(model, torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 48, dtype=torch.float64))
+    lorafx.step(model)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     res_norm = (W - (U[:, :7] * S[:7]) @ Vh[:7]).norm(dim=1)
     assert torch.equal(a.index, torch.topk(res_norm, 15).indices.sort().values)
 
 
 def test_celora_index_refresh_counts_optimizer_steps():
+    """I is chosen at steps 1, 4, 7, ... (recompute_every=3) from the last backward before that step."""
     model = lorafx.apply(
         one_linear(), lorafx.Spec(lorafx.CELoRA(r=8, keep_ratio=0.25, recompute_every=3), targets=["0"])
     )
-    a = ce_adapter(model)
+    a, W = ce_adapter(model), model.get_submodule("0").weight.detach()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    res_norm = (W - (U[:, :7] * S[:7]) @ Vh[:7]).norm(dim=1)
     x = torch.randn(6, 40, dtype=torch.float64)
     grads = [torch.randn(6, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    _x_grad(model, x, grads[0])  # selects I in the first backward
-    first = a.index.clone()
-    for i in range(1, 6):  # many backwards, two optimizer steps: no refresh
+
+    def chosen_from(G):
+        return torch.topk(G.norm(dim=0) * res_norm, 12).indices.sort().values
+
+    _x_grad(model, x, grads[0])
+    _x_grad(model, x, grads[1])  # gradient accumulation: the step's last micro-batch ranks
+    lorafx.step(model)
+    assert torch.equal(a.index, chosen_from(grads[1]))
+    for i in (2, 3):  # steps 2 and 3: no refresh
         _x_grad(model, x, grads[i])
-        if i <= 2:
-            lorafx.step(model)
-    assert torch.equal(a.index, first)
-    lorafx.step(model)  # the third step: the next backward selects again, from its own G
-    _x_grad(model, x, grads[6])
-    assert not torch.equal(a.index, first) and a.index.numel() == 12
+        lorafx.step(model)
+        assert torch.equal(a.index, chosen_from(grads[1]))
+    _x_grad(model, x, grads[4])
+    lorafx.step(model)  # step 4 = 1 + recompute_every
+    assert torch.equal(a.index, chosen_from(grads[4])) and a.index.numel() == 12
+
+    fresh = lorafx.apply(one_linear(), lorafx.Spec(lorafx.CELoRA(r=8, keep_ratio=0.25), targets=["0"]))
+    lorafx.step(fresh)  # a step with no backward chooses nothing; the first step with one will
+    assert ce_adapter(fresh).index.numel() == 0 and ce_adapter(fresh).pending
+
+
+def test_celora_warns_when_step_is_never_called():
+    model = lorafx.apply(one_linear(), lorafx.Spec(lorafx.CELoRA(r=8, keep_ratio=0.25), targets=["0"]))
+    x = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"site '0': 100 CE-LoRA training forwards and lorafx.step"):
+        for _ in range(100):
+            model(x)
+
+
+def test_celora_svd_is_taken_at_apply_for_training_sites_only():
+    lin = one_linear()
+    trained = ce_adapter(lorafx.apply(copy.deepcopy(lin).train(), lorafx.Spec(lorafx.CELoRA(r=8), targets=["0"])))
+    served = ce_adapter(lorafx.apply(lin.eval(), lorafx.Spec(lorafx.CELoRA(r=8), targets=["0"])))
+    assert trained.svd_A0.shape == (7, 40) and trained.res_norm.shape == (48,)
+    assert served.svd_A0.numel() == 0  # inference never needs it
 
 
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
@@ -141,7 +173,8 @@ def celora_paper_ratio_error(model) -> float:
         model.train(train)
         return torch.cat([g.flatten() for g in torch.autograd.grad(model(LLAMA_IDS).logits.square().mean(), params)])
 
-    grads(True)  # first backward: exact, selects I
+    grads(True)  # first backward: exact
+    lorafx.step(model)  # selects I from it
     approx, exact = grads(True), grads(False)
     return ((approx - exact).norm() / exact.norm()).item()
 

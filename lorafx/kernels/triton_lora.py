@@ -112,7 +112,7 @@ def _shrink_kernel(
 @triton.jit
 def _fused_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, idx_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, idx_ptr, kidx_ptr, y_ptr,
     # dims
     M, N, K, R,
     # strides
@@ -120,9 +120,11 @@ def _fused_kernel(
     stride_ba, stride_br, stride_bn, stride_ym, stride_yn,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_ADAPTER: tl.constexpr, MULTI: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # ---- tile of y[M, N] = x[M, K] @ w[K, N] + h[M, R] @ bt[R, N] + bias
+    # GATHER_K: the K axis runs over kidx[0:K], columns of x and rows of w picked in place (CE-LoRA's
+    # G[:, I] W[I, :] without materialising either)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -132,6 +134,8 @@ def _fused_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
+        if GATHER_K:
+            kk = tl.load(kidx_ptr + kk, mask=k_mask, other=0)
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
@@ -195,10 +199,13 @@ def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, idx=No
     return h
 
 
-def fused(x2: torch.Tensor, w: torch.Tensor, bias=None, h=None, bt=None, idx=None, out_dtype=None) -> torch.Tensor:
+def fused(
+    x2: torch.Tensor, w: torch.Tensor, bias=None, h=None, bt=None, idx=None, out_dtype=None, kidx=None
+) -> torch.Tensor:
     """``x2 @ w + h @ bt + bias`` with one accumulator. ``w``: ``[K, N]`` (any strides); ``bt``:
-    ``[R, N]`` or ``[n, R, N]`` with ``idx [M]``; ``h`` fp32 ``[M, R]``."""
-    M, K = x2.shape
+    ``[R, N]`` or ``[n, R, N]`` with ``idx [M]``; ``h`` fp32 ``[M, R]``. With ``kidx [k]`` the
+    product is ``x2[:, kidx] @ w[kidx, :]``."""
+    M, K = x2.shape if kidx is None else (x2.shape[0], kidx.numel())
     N = w.shape[1]
     y = torch.empty((M, N), device=x2.device, dtype=out_dtype or x2.dtype)
     multi, adapter = idx is not None, h is not None
@@ -207,12 +214,13 @@ def fused(x2: torch.Tensor, w: torch.Tensor, bias=None, h=None, bt=None, idx=Non
     ba, br, bn = (bt.stride() if multi else (0, *bt.stride())) if adapter else (0, 0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     wrap_triton(_fused_kernel)[grid](
-        x2, w, bias if bias is not None else y, h_, bt if adapter else y, idx if multi else y, y,
+        x2, w, bias if bias is not None else y, h_, bt if adapter else y, idx if multi else y,
+        kidx if kidx is not None else y, y,
         M, N, K, R,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), h_.stride(0), h_.stride(1),
         ba, br, bn, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_ADAPTER=adapter, MULTI=multi,
-        DOT_FP32=x2.dtype == torch.float32 or x2.dtype != w.dtype, BLOCK_R=_block_r(R),
+        DOT_FP32=x2.dtype == torch.float32 or x2.dtype != w.dtype, GATHER_K=kidx is not None, BLOCK_R=_block_r(R),
     )  # fmt: skip
     return y
 
@@ -281,6 +289,13 @@ def lora_linear_multi_dx(dy, W, A, B, s, idx) -> torch.Tensor:
     return fused(dy2, W, None, u, A, idx=rows)
 
 
+def celora_input_grad(G, W, B0, A0, index) -> torch.Tensor:
+    """CE-LoRA's ∂x, ``G[:, I] W[I, :] + (G B0ᶜ) A0``: the shrink kernel for ``u = G B0ᶜ`` (fp32
+    ``[T, r0]``), then one accumulator for the gathered GEMM over the k kept channels and ``u A0``."""
+    u = shrink(G, B0.index_fill(0, index, 0), torch.ones((), device=G.device))
+    return fused(G, W, None, u, A0, kidx=index.contiguous(), out_dtype=G.dtype)
+
+
 @triton_op("lorafx::lora_linear_triton", mutates_args=())
 def lora_linear_triton(
     x: torch.Tensor,
@@ -304,5 +319,6 @@ def register_cuda_kernels(ops_module) -> None:
     ops_module.lora_expand.register_kernel("cuda")(lora_expand)
     ops_module.lora_linear_multi.register_kernel("cuda")(lora_linear_multi)
     ops_module.lora_linear_backward.register_kernel("cuda")(lora_linear_backward)
+    ops_module.celora_input_grad.register_kernel("cuda")(celora_input_grad)
     lora_linear_triton.register_autograd(ops_module._backward_linear, setup_context=ops_module._setup_linear)
     ops_module.TRITON_OP = lora_linear_triton
