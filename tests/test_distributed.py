@@ -152,8 +152,9 @@ VARIANTS = list(example_configs())
 # Variants whose training is not a function of the global batch alone, with the reason (strict xfail:
 # the entry must go when the variant is fixed).
 NOT_BATCH_INVARIANT = {
-    # Empty: CE-LoRA, which picks kept output channels from ‖G[:, i]‖ in the backward, all-reduces those
-    # norms across ranks (celora._select) so every rank ranks on the global batch. Without that, ranks
+    # Empty: CE-LoRA, which picks kept output channels in lorafx.step from the ‖G[:, i]‖² its backward
+    # stored, all-reduces those across ranks first (celora._select) so every rank ranks on the global
+    # batch. Without that, ranks
     # kept different channels: max |Δ lora_A| 1.6e-3 after 4 steps vs one process.
 }
 PARITY = [
