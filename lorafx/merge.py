@@ -30,6 +30,21 @@ def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
     return delta.t() if sa.fan_in_fan_out else delta
 
 
+def mergeable_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteAdapters]]:
+    """The active adapter's name and sites, or a :class:`SpecError` if there is none or it is merged.
+
+    The one precondition of :func:`merge` and :func:`lorafx.verify_merge` (``caller`` prefixes the
+    message)."""
+    prefix = f"{caller}: " if caller else ""
+    name = info(model).active
+    if name is None:
+        raise SpecError(f"{prefix}no active adapter to merge; lorafx.set_adapter(model, name) first")
+    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    if any(sa.merged is not None for sa in sites):
+        raise SpecError(f"{prefix}adapter {name!r} is already merged; lorafx.unmerge(model) first")
+    return name, sites
+
+
 @torch.no_grad()
 def merge(model: nn.Module, keep_original: bool = False) -> None:
     """Fold the active adapter into the base weights of every site that has it.
@@ -37,12 +52,7 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
     Raises :class:`NotMergeableError` (before changing anything) if any site's adapter is not
     mergeable, e.g. MoR. After merging, the adapted sites run the base matmul only.
     """
-    name = info(model).active
-    if name is None:
-        raise SpecError("no active adapter to merge; lorafx.set_adapter(model, name) first")
-    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
-    if any(sa.merged is not None for sa in sites):
-        raise SpecError(f"adapter {name!r} is already merged")
+    name, sites = mergeable_sites(model)
     bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
     if bad:
         variants = sorted({sa.adapters[name].config.name for sa in bad})

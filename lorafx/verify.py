@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafx.apply import info, iter_sites
 from lorafx.errors import SpecError
-from lorafx.merge import merge, unmerge
+from lorafx.merge import merge, mergeable_sites, unmerge
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -60,12 +59,7 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
         >>> report = lorafx.verify_merge(model, tokenizer("hello", return_tensors="pt").input_ids)
         >>> assert report["max_abs_diff"] < 1e-4
     """
-    name = info(model).active
-    if name is None:
-        raise SpecError("verify_merge: no active adapter; lorafx.set_adapter(model, name) first")
-    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
-    if any(sa.merged is not None for sa in sites):
-        raise SpecError(f"verify_merge: adapter {name!r} is already merged; lorafx.unmerge(model) first")
+    name, sites = mergeable_sites(model, "verify_merge")
     modes = [(m, m.training) for m in model.modules()]  # per module: submodules may differ from the root
     model.eval()
     try:

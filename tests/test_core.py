@@ -198,7 +198,12 @@ def test_gradient_checkpointing_gives_the_same_grads(tiny_llama):
         if ckpt:
             model.activation_checkpointing_enable()
         model.train()
+        calls = []  # the adapter of one site runs again in backward when the layer is recomputed
+        sa = next(iter(lorafx.iter_sites(model).values()))
+        hook = sa.register_forward_hook(lambda *_, calls=calls: calls.append(torch.is_grad_enabled()))
         model(ids, labels=ids).loss.backward()
+        hook.remove()
+        assert len(calls) == (2 if ckpt else 1), calls
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
         assert_close(a, b)

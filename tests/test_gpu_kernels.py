@@ -71,3 +71,20 @@ def test_opcheck_triton_op_on_cuda(gate):
     args = _data(37, 96, 80, 8, torch.float32, gate)
     torch.library.opcheck(torch.ops.lorafx.lora_linear_triton.default, args)
     torch.library.opcheck(torch.ops.lorafx.lora_linear.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_celora_input_grad_kernel_on_cuda(dtype):
+    """The gathered-K GEMM + shrink kernel pair vs the paper's formula in fp64, a Llama-7B v_proj shape."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, d_out, d_in, r0 = 512, 4096, 4096, 14
+    G = torch.randn(T, d_out, device="cuda", generator=g).to(dtype)
+    W = (torch.randn(d_out, d_in, device="cuda", generator=g) / d_in**0.5).to(dtype)
+    B0 = (torch.randn(d_out, r0, device="cuda", generator=g) / r0**0.5).to(dtype)
+    A0 = (torch.randn(r0, d_in, device="cuda", generator=g) / d_in**0.5).to(dtype)
+    index = torch.randperm(d_out, device="cuda", generator=g)[: int(0.55 * d_out)].sort().values
+    got = torch.ops.lorafx.celora_input_grad(G, W, B0, A0, index)
+    G64, W64, B64, A64 = (t.double() for t in (G, W, B0, A0))
+    want = (G64 @ B64) @ A64 + G64[:, index] @ (W64 - B64 @ A64)[index]  # the paper's form
+    assert got.dtype == dtype
+    assert_close(got.double(), want, **GPU_TOL[dtype])

@@ -83,19 +83,16 @@ def test_only_the_active_adapter_trains(served):
     assert len(trainable) == 2 * len(TARGETS)  # lora_A, lora_B per site
 
 
-def test_threads_with_a_lock_get_their_own_adapter(served):
-    model, outputs = served
-    lock = threading.Lock()
+def cross_talk(outputs: dict, serve) -> list[str]:
+    """4 threads x 12 requests for random adapters through ``serve(name) -> logits``; the names whose
+    logits differ from that adapter's own."""
     errors = []
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
         for _ in range(12):
             name = f"a{rng.randrange(N)}"
-            with lock, torch.no_grad():
-                lorafx.set_adapter(model, name)
-                out = model(IDS).logits
-            if not torch.equal(out, outputs[name]):
+            if not torch.equal(serve(name), outputs[name]):
                 errors.append(name)
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
@@ -103,29 +100,30 @@ def test_threads_with_a_lock_get_their_own_adapter(served):
         t.start()
     for t in threads:
         t.join()
-    assert not errors, f"cross-talk for {errors}"
+    return errors
+
+
+def test_threads_with_a_lock_get_their_own_adapter(served):
+    model, outputs = served
+    lock = threading.Lock()
+
+    def serve(name):
+        with lock, torch.no_grad():
+            lorafx.set_adapter(model, name)
+            return model(IDS).logits
+
+    assert not cross_talk(outputs, serve)
 
 
 def test_using_adapter_serves_threads_and_restores(served):
     model, outputs = served
     lorafx.set_adapter(model, "a3")
-    errors = []
 
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(12):
-            name = f"a{rng.randrange(N)}"
-            with lorafx.using_adapter(model, name), torch.no_grad():
-                out = model(IDS).logits
-            if not torch.equal(out, outputs[name]):
-                errors.append(name)
+    def serve(name):
+        with lorafx.using_adapter(model, name), torch.no_grad():
+            return model(IDS).logits
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, f"cross-talk for {errors}"
+    assert not cross_talk(outputs, serve)
     assert lorafx.active_adapter(model) == "a3"
     with lorafx.using_adapter(model, "a9"), lorafx.using_adapter(model, None):  # re-entrant, nested
         assert lorafx.active_adapter(model) is None
