@@ -102,6 +102,28 @@ def test_multi_adapter_matches_per_row_loop():
 
 def test_opcheck_multi():
     torch.library.opcheck(ops.lora_linear_multi, _multi_operands(torch.float32), test_utils=OPCHECK_TESTS)
+    x, W, b, A, B, s, idx = (t.detach() for t in _multi_operands(torch.float32))
+    dy = torch.randn(x.shape[0], W.shape[0])
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            ops.lora_linear_multi_backward, (dy, x, W, A, B, s, idx, need_dx), test_utils=OPCHECK_TESTS
+        )
+
+
+def test_multi_adapter_training_compiles_with_data_dependent_row_counts():
+    """Per-adapter row counts change between calls: the backward op keeps them out of the graph."""
+    import torch._dynamo
+
+    x, W, b, A, B, s, _ = _multi_operands(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.lora_linear_multi(*a).square().sum(), fullgraph=True)
+    for seed in range(3):  # different assignments of the 9 rows to adapters, same shapes
+        idx = torch.randint(-1, 3, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
+        got = torch.autograd.grad(compiled(x, W, b, A, B, s, idx), (x, A, B))
+        want = torch.autograd.grad(ops.lora_linear_multi(x, W, b, A, B, s, idx).square().sum(), (x, A, B))
+        for a, w in zip(got, want, strict=True):
+            assert_close(a, w)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("gate", [False, True])

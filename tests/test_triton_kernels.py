@@ -88,19 +88,22 @@ if INTERPRETED:
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     def test_multi_adapter_uneven_rows(dtype):
+        """Segments of 5, 1, 0 and 23 rows (23 > BLOCK_M = 16: two blocks) plus 4 base-only rows, shuffled."""
         gen = torch.Generator().manual_seed(3)
-        n, r, K, N = 3, 8, 21, 27
-        idx = torch.tensor([0] * 5 + [1] * 1 + [2] * 11 + [-1] * 4)[torch.randperm(21, generator=gen)]
-        x = torch.randn(21, K, generator=gen).to(dtype)
+        n, r, K, N = 4, 8, 21, 27
+        idx = torch.tensor([0] * 5 + [1] * 1 + [3] * 23 + [-1] * 4)[torch.randperm(33, generator=gen)]
+        seg = triton_lora.segments(idx, n)
+        assert seg.counts.tolist() == [5, 1, 0, 23, 4] and seg.starts.tolist() == [0, 5, 6, 6, 29]
+        x = torch.randn(33, K, generator=gen).to(dtype)
         W, b = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype), torch.randn(N, generator=gen).to(dtype)
         A, B = torch.randn(n, r, K, generator=gen) / K**0.5, torch.randn(n, N, r, generator=gen) / r**0.5
-        s = torch.tensor([0.5, 2.0, 1.0])
+        s = torch.tensor([0.5, 2.0, 1.0, 1.5])
         assert_close(
             triton_lora.lora_linear_multi(x, W, b, A, B, s, idx),
             ops.lora_linear_multi(x, W, b, A, B, s, idx),
             **KERNEL_TOL[dtype],
         )
-        dy = torch.randn(21, N, generator=gen).to(dtype)
+        dy = torch.randn(33, N, generator=gen).to(dtype)
         xr = x.float().requires_grad_()
         ops.lora_linear_multi(xr, W.float(), b.float(), A, B, s, idx).backward(dy.float())
         assert_close(triton_lora.lora_linear_multi_dx(dy, W, A, B, s, idx).float(), xr.grad, **KERNEL_TOL[dtype])

@@ -217,26 +217,47 @@ def _setup_multi(ctx, inputs, output):
     ctx.has_b = b is not None
 
 
-def _backward_multi(ctx, dy):
-    # Masks, not index_select: AOT autograd traces this formula, and row counts per adapter are
-    # data-dependent shapes it cannot guard on. Costs n× the adapter FLOPs (n small) in backward only.
-    x, W, A, B, s, idx = ctx.saved_tensors
-    n = _needs(ctx)
+@torch.library.custom_op("lorafx::lora_linear_multi_backward", mutates_args=())
+def lora_linear_multi_backward(
+    dy: Tensor, x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: Tensor, idx: Tensor, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)`` of ``lora_linear_multi``; ``dx`` is empty unless ``need_dx``.
+
+    An op of its own so that the per-adapter row counts (data-dependent shapes) stay inside it, where
+    AOT autograd never traces them: each adapter's grads cost its own rows only, as in the forward."""
+    return _multi_backward_ref(dy, x, W, A, B, s, idx, need_dx)
+
+
+def _multi_backward_ref(dy, x, W, A, B, s, idx, need_dx: bool):
     dy2, x2, rows = _flat(dy), _flat(x), idx.reshape(-1)
-    dx2 = (dy2.to(W.dtype) @ W).to(x.dtype) if n[0] else None
-    dA, dB = [], []
+    dx2 = (dy2.to(W.dtype) @ W).to(x.dtype) if need_dx else None
+    dA, dB = torch.zeros_like(A), torch.zeros_like(B)
     for i in range(A.shape[0]):
-        m = (rows == i).unsqueeze(1).to(A.dtype)
-        xs, dys = x2.to(A.dtype) * m, dy2.to(B.dtype) * m
+        sel = (rows == i).nonzero().squeeze(1)
+        if not sel.numel():
+            continue
+        xs, dys = x2.index_select(0, sel).to(A.dtype), dy2.index_select(0, sel).to(B.dtype)
         h = xs @ A[i].t()
         dh = (dys @ B[i]) * s[i].to(A.dtype)
-        dA.append(dh.t() @ xs)
-        dB.append((dys.t() @ h) * s[i].to(B.dtype))
+        dA[i] = dh.t() @ xs
+        dB[i] = (dys.t() @ h) * s[i].to(B.dtype)
         if dx2 is not None:
-            dx2 = dx2 + (dh @ A[i]).to(x.dtype)
-    dW, db = _base_grads(dy2, x2, W, n[1], n[2] and ctx.has_b)
-    dx = None if dx2 is None else dx2.reshape(x.shape)
-    return dx, dW, db, torch.stack(dA) if n[3] else None, torch.stack(dB) if n[4] else None, None, None
+            dx2.index_add_(0, sel, (dh @ A[i]).to(x.dtype))
+    dx = x.new_empty(0) if dx2 is None else dx2.reshape(x.shape)
+    return dx, dA, dB
+
+
+@lora_linear_multi_backward.register_fake
+def _(dy, x, W, A, B, s, idx, need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0)), torch.empty_like(A), torch.empty_like(B)
+
+
+def _backward_multi(ctx, dy):
+    x, W, A, B, s, idx = ctx.saved_tensors
+    n = _needs(ctx)
+    dx, dA, dB = lora_linear_multi_backward(dy, x, W, A, B, s, idx, n[0])
+    dW, db = _base_grads(_flat(dy), _flat(x), W, n[1], n[2] and ctx.has_b)
+    return dx if n[0] else None, dW, db, dA if n[3] else None, dB if n[4] else None, None, None
 
 
 lora_linear.register_autograd(_backward_linear, setup_context=_setup_linear)

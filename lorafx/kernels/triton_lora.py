@@ -7,18 +7,19 @@ read-modify-write of the ``[M, N]`` output: 2·M·N·2 bytes, 128 MiB at M = 819
 
 The backward uses the same two kernels: ``u = s·(dY B)`` (shrink of dY against B), then
 ``dX = dY W + (u ⊙ g) A`` in one accumulator; ``dA = dhᵀ x_in`` and ``dB = dYᵀ h`` are plain GEMMs
-through the fused kernel without its adapter term. Multi-adapter batches (``idx`` per row) gather
-each row's ``A``/``B`` inside the same kernels (BGMV style).
+through the fused kernel without its adapter term. Multi-adapter batches (``idx`` per row) run the
+same kernels over rows grouped by adapter (Punica's SGMV): a device-side argsort/bincount gives each
+adapter's segment, each program takes one adapter's rows, so the adapter products stay ``tl.dot``s.
 
 This module is never imported by ``import lorafx``; :mod:`lorafx.kernels.ops` registers it for CUDA.
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` before ``import triton``),
-which is how the tests check them. TODO: a segmented (sorted-rows) multi-adapter kernel would avoid
-re-reading B per row on GPU; this one is correct but gathers ``[BLOCK_M, R, BLOCK_N]`` per tile.
+which is how the tests check them.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,27 +57,36 @@ def _configs(kind: str) -> list:
 @triton.jit
 def _shrink_kernel(
     # pointers
-    x_ptr, c_ptr, g_ptr, s_ptr, idx_ptr, h_ptr,
+    x_ptr, c_ptr, g_ptr, s_ptr, order_ptr, start_ptr, count_ptr, h_ptr,
     # dims
     M, K, R,
     # strides
     stride_xm, stride_xk, stride_ca, stride_ck, stride_cr, stride_gm, stride_gr, stride_hm, stride_hr,
     # meta-parameters
-    HAS_GATE: tl.constexpr, MULTI: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # ---- h[M, R] = s · (x[M, K] @ c[K, R]) ⊙ g, fp32; c is per row (c[idx[m]]) when MULTI
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # ---- h[M, R] = s · (x[M, K] @ c[K, R]) ⊙ g, fp32
+    # SEGMENTED (multi-adapter): program (m-block, a) takes rows order[start[a] + ...] of adapter a only,
+    # so every tile is one adapter's and the product is a tl.dot (Punica's SGMV, not a per-row gather).
+    pid_m = tl.program_id(0)
+    if SEGMENTED:
+        a = tl.program_id(1)
+        count = tl.load(count_ptr + a)
+        if pid_m * BLOCK_M >= count:  # most programs of a short segment: nothing to do
+            return
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = local < count
+        rm = tl.load(order_ptr + tl.load(start_ptr + a) + local, mask=m_mask, other=0)
+        scale = tl.load(s_ptr + a).to(tl.float32)
+        c_ptr += a * stride_ca
+    else:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        scale = tl.load(s_ptr).to(tl.float32)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    m_mask, r_mask = rm < M, rr < R
-    if MULTI:
-        a = tl.load(idx_ptr + rm, mask=m_mask, other=-1)
-        live = m_mask & (a >= 0)  # idx < 0: base only, adapter term is zero
-        a = tl.where(live, a, 0)
-        scale = tl.where(live, tl.load(s_ptr + a, mask=live, other=0.0).to(tl.float32), 0.0)[:, None]
-    else:
-        scale = tl.load(s_ptr).to(tl.float32)
+    r_mask = rr < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -84,20 +94,10 @@ def _shrink_kernel(
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
         ).to(tl.float32)
-        if MULTI:
-            c_ptrs = (
-                c_ptr + a[:, None, None] * stride_ca + kk[None, :, None] * stride_ck + rr[None, None, :] * stride_cr
-            )
-            c_mask = live[:, None, None] & k_mask[None, :, None] & r_mask[None, None, :]
-            c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, :, None] * c, axis=1)
-        else:
-            c = tl.load(
-                c_ptr + kk[:, None] * stride_ck + rr[None, :] * stride_cr,
-                mask=k_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(x, c.to(tl.float32), input_precision="ieee")
+        c = tl.load(
+            c_ptr + kk[:, None] * stride_ck + rr[None, :] * stride_cr, mask=k_mask[:, None] & r_mask[None, :], other=0.0
+        )
+        acc += tl.dot(x, c.to(tl.float32), input_precision="ieee")
     # ---- epilogue: scale, gate, store fp32
     acc = acc * scale
     out_mask = m_mask[:, None] & r_mask[None, :]
@@ -112,23 +112,35 @@ def _shrink_kernel(
 @triton.jit
 def _fused_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, idx_ptr, kidx_ptr, y_ptr,
-    # dims
-    M, N, K, R,
+    x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, order_ptr, start_ptr, count_ptr, kidx_ptr, y_ptr,
+    # dims (NA: number of adapters; segment NA holds the base-only rows)
+    M, N, K, R, NA,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_hm, stride_hr,
     stride_ba, stride_br, stride_bn, stride_ym, stride_yn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_ADAPTER: tl.constexpr, MULTI: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ADAPTER: tl.constexpr, SEGMENTED: tl.constexpr, DOT_FP32: tl.constexpr,
     GATHER_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # ---- tile of y[M, N] = x[M, K] @ w[K, N] + h[M, R] @ bt[R, N] + bias
     # GATHER_K: the K axis runs over kidx[0:K], columns of x and rows of w picked in place (CE-LoRA's
     # G[:, I] W[I, :] without materialising either)
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # SEGMENTED: program (m-block, n-block, a) as in _shrink_kernel; rows of segment NA get no adapter.
+    pid_m = tl.program_id(0)
+    if SEGMENTED:
+        a = tl.program_id(2)
+        count = tl.load(count_ptr + a)
+        if pid_m * BLOCK_M >= count:
+            return
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = local < count
+        rm = tl.load(order_ptr + tl.load(start_ptr + a) + local, mask=m_mask, other=0)
+    else:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_mask, n_mask = rm < M, rn < N
+    n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # ---- base GEMM, fp32 accumulator (ieee for fp32 operands: tf32 would lose 13 mantissa bits)
     for k0 in range(0, K, BLOCK_K):
@@ -153,22 +165,15 @@ def _fused_kernel(
         h = tl.load(
             h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=m_mask[:, None] & r_mask[None, :], other=0.0
         )
-        if MULTI:
-            a = tl.load(idx_ptr + rm, mask=m_mask, other=-1)
-            live = m_mask & (a >= 0)
-            a = tl.where(live, a, 0)
-            b_ptrs = (
-                bt_ptr + a[:, None, None] * stride_ba + rr[None, :, None] * stride_br + rn[None, None, :] * stride_bn
-            )
-            b_mask = live[:, None, None] & r_mask[None, :, None] & n_mask[None, None, :]
-            bt = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, :, None] * bt, axis=1)
+        bt_mask = r_mask[:, None] & n_mask[None, :]
+        if SEGMENTED:
+            if a < NA:
+                bt = tl.load(
+                    bt_ptr + a * stride_ba + rr[:, None] * stride_br + rn[None, :] * stride_bn, mask=bt_mask, other=0.0
+                )
+                acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
         else:
-            bt = tl.load(
-                bt_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
-                mask=r_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
+            bt = tl.load(bt_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn, mask=bt_mask, other=0.0)
             acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
     # ---- epilogue: bias, one write in the output dtype
     if HAS_BIAS:
@@ -181,45 +186,74 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))  # tl.dot needs every block dim >= 16
 
 
-def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, idx=None) -> torch.Tensor:
-    """``s·(x2 @ c) ⊙ gate`` in fp32. ``c``: ``[K, R]`` (any strides) or ``[n, K, R]`` with ``idx [M]``."""
+class Segments(NamedTuple):
+    """Rows of a multi-adapter batch grouped by adapter, computed on the device (no host sync):
+    ``order`` lists row ids adapter by adapter, segment ``a`` is ``order[starts[a] : starts[a] +
+    counts[a]]``; segment ``n`` holds the base-only rows (``idx < 0`` or ``>= n``)."""
+
+    order: torch.Tensor  # [M] int64
+    starts: torch.Tensor  # [n + 1]
+    counts: torch.Tensor  # [n + 1]
+    n: int
+
+
+def segments(idx: torch.Tensor, n: int) -> Segments:
+    rows = idx.reshape(-1)
+    key = torch.where((rows < 0) | (rows >= n), n, rows)
+    counts = torch.bincount(key, minlength=n + 1)
+    return Segments(torch.argsort(key, stable=True), torch.cumsum(counts, 0) - counts, counts, n)
+
+
+def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, seg: Segments | None = None) -> torch.Tensor:
+    """``s·(x2 @ c) ⊙ gate`` in fp32. ``c``: ``[K, R]`` (any strides), or ``[n, K, R]`` and ``s [n]``
+    with ``seg`` (rows of segment ``n``, base-only, are left unwritten)."""
     M, K = x2.shape
     R = c.shape[-1]
-    multi = idx is not None
     h = torch.empty((M, R), device=x2.device, dtype=torch.float32)
-    sa, sk, sr = c.stride() if multi else (0, *c.stride())
+    sa, sk, sr = c.stride() if seg is not None else (0, *c.stride())
     g = gate if gate is not None else h
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    n = seg.n if seg is not None else 1
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n)  # noqa: E731
+    order, starts, counts = seg[:3] if seg is not None else (h, h, h)
     wrap_triton(_shrink_kernel)[grid](
-        x2, c, g, s, idx if multi else h, h,
+        x2, c, g, s, order, starts, counts, h,
         M, K, R,
         x2.stride(0), x2.stride(1), sa, sk, sr, g.stride(0), g.stride(1), h.stride(0), h.stride(1),
-        HAS_GATE=gate is not None, MULTI=multi, BLOCK_R=_block_r(R),
+        HAS_GATE=gate is not None, SEGMENTED=seg is not None, BLOCK_R=_block_r(R),
     )  # fmt: skip
     return h
 
 
 def fused(
-    x2: torch.Tensor, w: torch.Tensor, bias=None, h=None, bt=None, idx=None, out_dtype=None, kidx=None
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    bias=None,
+    h=None,
+    bt=None,
+    seg: Segments | None = None,
+    out_dtype=None,
+    kidx=None,
 ) -> torch.Tensor:
     """``x2 @ w + h @ bt + bias`` with one accumulator. ``w``: ``[K, N]`` (any strides); ``bt``:
-    ``[R, N]`` or ``[n, R, N]`` with ``idx [M]``; ``h`` fp32 ``[M, R]``. With ``kidx [k]`` the
-    product is ``x2[:, kidx] @ w[kidx, :]``."""
+    ``[R, N]``, or ``[n, R, N]`` with ``seg`` (row t gets its adapter's ``bt``); ``h`` fp32 ``[M, R]``.
+    With ``kidx [k]`` the product is ``x2[:, kidx] @ w[kidx, :]``."""
     M, K = x2.shape if kidx is None else (x2.shape[0], kidx.numel())
     N = w.shape[1]
     y = torch.empty((M, N), device=x2.device, dtype=out_dtype or x2.dtype)
-    multi, adapter = idx is not None, h is not None
+    adapter = h is not None
     R = h.shape[1] if adapter else 0
     h_ = h if adapter else y
-    ba, br, bn = (bt.stride() if multi else (0, *bt.stride())) if adapter else (0, 0, 0)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    ba, br, bn = (bt.stride() if seg is not None else (0, *bt.stride())) if adapter else (0, 0, 0)
+    n_seg = seg.n + 1 if seg is not None else 1
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), n_seg)  # noqa: E731
+    order, starts, counts = seg[:3] if seg is not None else (y, y, y)
     wrap_triton(_fused_kernel)[grid](
-        x2, w, bias if bias is not None else y, h_, bt if adapter else y, idx if multi else y,
+        x2, w, bias if bias is not None else y, h_, bt if adapter else y, order, starts, counts,
         kidx if kidx is not None else y, y,
-        M, N, K, R,
+        M, N, K, R, seg.n if seg is not None else 0,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), h_.stride(0), h_.stride(1),
         ba, br, bn, y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_ADAPTER=adapter, MULTI=multi,
+        HAS_BIAS=bias is not None, HAS_ADAPTER=adapter, SEGMENTED=seg is not None,
         DOT_FP32=x2.dtype == torch.float32 or x2.dtype != w.dtype, GATHER_K=kidx is not None, BLOCK_R=_block_r(R),
     )  # fmt: skip
     return y
@@ -276,17 +310,28 @@ def lora_linear_backward(dy, x, W, A, B, s, g, x_in, need_g: bool):
 
 
 def lora_linear_multi(x, W, b, A, B, s, idx) -> torch.Tensor:
-    """Forward of ``lorafx::lora_linear_multi``: per-row adapters gathered in both kernels."""
-    x2, rows = _flat(x), idx.reshape(-1).contiguous()
-    h = shrink(x2, A.transpose(1, 2), _scale(s, x), idx=rows)
-    return fused(x2, W.t(), b, h, B.transpose(1, 2), idx=rows, out_dtype=x.dtype).reshape(*x.shape[:-1], W.shape[0])
+    """Forward of ``lorafx::lora_linear_multi``: rows grouped by adapter (:func:`segments`), one
+    adapter per tile in both kernels."""
+    x2, seg = _flat(x), segments(idx, A.shape[0])
+    h = shrink(x2, A.transpose(1, 2), _scale(s, x), seg=seg)
+    return fused(x2, W.t(), b, h, B.transpose(1, 2), seg=seg, out_dtype=x.dtype).reshape(*x.shape[:-1], W.shape[0])
 
 
 def lora_linear_multi_dx(dy, W, A, B, s, idx) -> torch.Tensor:
-    """``dX = dY W + (s[i]·dY B[i]) A[i]`` per row, one accumulator."""
-    dy2, rows = _flat(dy), idx.reshape(-1).contiguous()
-    u = shrink(dy2, B, _scale(s, dy), idx=rows)
-    return fused(dy2, W, None, u, A, idx=rows)
+    """``dX = dY W + (s[i]·dY B[i]) A[i]`` per row, one accumulator (``[T, d_in]``, dY's dtype)."""
+    dy2, seg = _flat(dy), segments(idx, A.shape[0])
+    u = shrink(dy2, B, _scale(s, dy), seg=seg)
+    return fused(dy2, W, None, u, A, seg=seg)
+
+
+def lora_linear_multi_backward(dy, x, W, A, B, s, idx, need_dx: bool):
+    """``(dx, dA, dB)``: dx by the segmented kernels in one accumulator; dA, dB per adapter over its own
+    rows (``[R, d_in]``/``[d_out, R]`` GEMMs, small) as in the composite."""
+    from lorafx.kernels.ops import _multi_backward_ref
+
+    _, dA, dB = _multi_backward_ref(dy, x, W, A, B, s, idx, False)
+    dx = lora_linear_multi_dx(dy, W, A, B, s, idx).to(x.dtype).reshape(x.shape) if need_dx else x.new_empty(0)
+    return dx, dA, dB
 
 
 def celora_input_grad(G, W, B0, A0, index) -> torch.Tensor:
@@ -319,6 +364,7 @@ def register_cuda_kernels(ops_module) -> None:
     ops_module.lora_expand.register_kernel("cuda")(lora_expand)
     ops_module.lora_linear_multi.register_kernel("cuda")(lora_linear_multi)
     ops_module.lora_linear_backward.register_kernel("cuda")(lora_linear_backward)
+    ops_module.lora_linear_multi_backward.register_kernel("cuda")(lora_linear_multi_backward)
     ops_module.celora_input_grad.register_kernel("cuda")(celora_input_grad)
     lora_linear_triton.register_autograd(ops_module._backward_linear, setup_context=ops_module._setup_linear)
     ops_module.TRITON_OP = lora_linear_triton
