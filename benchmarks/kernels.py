@@ -7,6 +7,10 @@ One projection of Llama-7B (K = N = 4096), adapter rank 16, tokens M from 16 to 
 * ``peft``    — a PEFT ``LoraLayer`` forward (same math, PEFT's module);
 * ``fused``   — the Triton shrink + fused GEMM/expand (one output write).
 
+Then a mixed-adapter batch (segmented kernels vs a per-adapter loop vs one adapter) and CE-LoRA's
+approximate ∂x (gathered Triton kernel vs dense cuBLAS ``G W``). The case builders run on any device;
+``tests/test_triton_kernels.py`` runs each once on CPU under the Triton interpreter.
+
 Timed with ``triton.testing.do_bench`` (median ms); ratios are unfused/fused and fused/base. Run:
 ``python -m benchmarks.kernels [--quick]``. Without CUDA it prints a message and exits 0.
 Goal (issue 4): ≥ 1.25× over unfused at large M, within 3% of base at small M.
@@ -39,26 +43,74 @@ def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float)
     return layer
 
 
-def bench_one(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> dict:
-    from triton.testing import do_bench
-
+def forward_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """name -> zero-argument callable for one LoRA projection forward (``peft`` when peft is installed)."""
     from lorafx.kernels import triton_lora
 
-    dev = "cuda"
-    x = torch.randn(M, K, device=dev, dtype=dtype)
-    W = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
-    A = torch.randn(r, K, device=dev, dtype=dtype) / K**0.5
-    B = torch.randn(N, r, device=dev, dtype=dtype) / r**0.5
-    s = torch.tensor(2.0, device=dev)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, K, device=device, generator=g).to(dtype)
+    W = (torch.randn(N, K, device=device, generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(r, K, device=device, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(N, r, device=device, generator=g) / r**0.5).to(dtype)
+    s = torch.tensor(2.0, device=device)
+    cases = {
+        "base": lambda: x @ W.t(),
+        "unfused": lambda: x @ W.t() + ((x @ A.t()) @ B.t()) * 2.0,
+        "fused": lambda: triton_lora.lora_linear(x, W, None, A, B, s),
+    }
+    peft = _peft_layer(W, A, B, alpha=2.0 * r)
+    if peft is not None:
+        cases["peft"] = lambda: peft(x)
+    return cases
+
+
+def multi_cases(M: int, K: int, N: int, r: int, n: int, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """Mixed-adapter batch (rows spread evenly over n adapters): the segmented kernels vs a loop of
+    per-adapter index_select/index_add (the composite) vs one adapter for every row (the floor)."""
+    from lorafx.kernels import ops, triton_lora
+
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(M, K, device=device, generator=g).to(dtype)
+    W = (torch.randn(N, K, device=device, generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(n, r, K, device=device, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(n, N, r, device=device, generator=g) / r**0.5).to(dtype)
+    s = torch.full((n,), 2.0, device=device)
+    idx = torch.randperm(M, device=device, generator=g) % n
+    return {
+        "single": lambda: triton_lora.lora_linear(x, W, None, A[0], B[0], s[0]),
+        "segmented": lambda: triton_lora.lora_linear_multi(x, W, None, A, B, s, idx),
+        "loop": lambda: ops._multi_forward_ref(x, W, None, A, B, s, idx),
+    }
+
+
+def celora_cases(T: int, K: int, N: int, r0: int, rho: float, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """CE-LoRA's ∂x of the frozen matmul: dense ``G W`` (cuBLAS, exact) vs the gathered Triton kernel
+    vs the composite (index_select + cuBLAS)."""
+    from lorafx.kernels import ops, triton_lora
+
+    g = torch.Generator(device=device).manual_seed(2)
+    G = torch.randn(T, N, device=device, generator=g).to(dtype)
+    W = (torch.randn(N, K, device=device, generator=g) / K**0.5).to(dtype)
+    B0 = (torch.randn(N, r0, device=device, generator=g) / r0**0.5).to(dtype)
+    A0 = (torch.randn(r0, K, device=device, generator=g) / K**0.5).to(dtype)
+    index = torch.randperm(N, device=device, generator=g)[: int(rho * N)].sort().values
+    return {
+        "dense": lambda: G @ W,
+        "triton": lambda: triton_lora.celora_input_grad(G, W, B0, A0, index),
+        "composite": lambda: ops._celora_input_grad_ref(G, W, B0, A0, index),
+    }
+
+
+def timed(cases: dict) -> dict:
+    from triton.testing import do_bench
+
     with torch.no_grad():
-        row = {
-            "M": M,
-            "base_ms": do_bench(lambda: x @ W.t()),
-            "unfused_ms": do_bench(lambda: x @ W.t() + ((x @ A.t()) @ B.t()) * 2.0),
-            "fused_ms": do_bench(lambda: triton_lora.lora_linear(x, W, None, A, B, s)),
-        }
-        peft = _peft_layer(W, A, B, alpha=2.0 * r)
-        row["peft_ms"] = do_bench(lambda: peft(x)) if peft is not None else None
+        return {k: do_bench(fn) for k, fn in cases.items()}
+
+
+def bench_one(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> dict:
+    t = timed(forward_cases(M, K, N, r, dtype))
+    row = {"M": M, "base_ms": t["base"], "unfused_ms": t["unfused"], "fused_ms": t["fused"], "peft_ms": t.get("peft")}
     row["speedup_vs_unfused"] = row["unfused_ms"] / row["fused_ms"]
     row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
     return row
@@ -90,11 +142,34 @@ def main(argv=None) -> int:
             f"| {r['M']} | {r['base_ms']:.3f} | {r['unfused_ms']:.3f} | {peft} | {r['fused_ms']:.3f} "
             f"| {r['speedup_vs_unfused']:.2f}× | {r['fused_over_base']:.3f} |"
         )
+    multi = {n: timed(multi_cases(4096, 4096, 4096, 16, n, dtype)) for n in (4, 32)}
+    lines += [
+        "",
+        "| mixed batch, M = 4096, n adapters | one adapter (ms) | segmented kernels (ms) | per-adapter loop (ms) | segmented / one |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, t in multi.items():
+        lines.append(
+            f"| {n} | {t['single']:.3f} | {t['segmented']:.3f} | {t['loop']:.3f} | {t['segmented'] / t['single']:.3f} |"
+        )
+    ce = {rho: timed(celora_cases(4096, 4096, 4096, 14, rho, dtype)) for rho in (0.55, 0.65)}
+    lines += [
+        "",
+        "| CE-LoRA ∂x, T = 4096, [4096, 4096], r0 = 14 | ρ | dense G W (ms) | Triton (ms) | composite (ms) | Triton / dense |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for rho, t in ce.items():
+        lines.append(
+            f"| | {rho} | {t['dense']:.3f} | {t['triton']:.3f} | {t['composite']:.3f} | {t['triton'] / t['dense']:.3f} |"
+        )
     table = "\n".join(lines)
     print(f"{torch.cuda.get_device_name()}  K = N = 4096, r = 16, {args.dtype}\n{table}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kernels.json").write_text(
-        json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows}, indent=2)
+        json.dumps(
+            {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows, "multi": multi, "celora": ce},
+            indent=2,
+        )
     )
     (RESULTS / "kernels.md").write_text(table + "\n")
     return 0

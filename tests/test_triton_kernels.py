@@ -122,6 +122,22 @@ if INTERPRETED:
         assert got.dtype == dtype
         assert_close(got.double(), want, **KERNEL_TOL[dtype])
 
+    def test_gpu_benchmark_cases_run(monkeypatch):
+        """benchmarks/kernels.py's case builders, each run once at tiny sizes: the GPU benchmark's code
+        paths (shapes, strides, argument order) are exercised here, only the timing needs CUDA."""
+        from benchmarks import kernels as bench
+
+        monkeypatch.setattr(bench, "_peft_layer", lambda *a, **k: None)  # peft's layer is plain PyTorch
+        fwd = bench.forward_cases(19, 24, 20, 4, torch.float32, device="cpu")
+        multi = bench.multi_cases(19, 24, 20, 4, 3, torch.float32, device="cpu")
+        ce = bench.celora_cases(9, 24, 20, 3, 0.55, torch.float32, device="cpu")
+        for cases in (fwd, multi, ce):
+            outs = {k: fn() for k, fn in cases.items()}
+            assert all(o.shape == next(iter(outs.values())).shape for o in outs.values())
+        assert_close(fwd["fused"](), fwd["unfused"](), **KERNEL_TOL[torch.float32])
+        assert_close(multi["segmented"](), multi["loop"](), **KERNEL_TOL[torch.float32])
+        assert_close(ce["triton"](), ce["composite"](), **KERNEL_TOL[torch.float32])
+
     # ---- compile integration: an opaque custom op that launches the interpreted kernel ----------
 
     @torch.library.custom_op("lorafx_test::lora_linear_interp", mutates_args=())
