@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import lorafx
+from benchmarks.common import interleaved_medians
 from lorafx.models import tiny_llama
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,17 +84,9 @@ def _setup(model):
 
 def interleaved_ms(steps: dict, n: int, warmup: int = 2) -> dict:
     """Median ms of each step function, timed in alternation so that load from other jobs on a
-    shared machine hits both libraries alike (back-to-back runs differed by 3× here)."""
-    for _ in range(warmup):  # first steps pay one-off costs (AdamW state, allocator): ~1 s each here
-        for fn in steps.values():
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(n):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    shared machine hits both libraries alike (back-to-back runs differed by 3× here); the first
+    steps pay one-off costs (AdamW state, allocator: ~1 s each here), hence the warm-up."""
+    return {k: v * 1e3 for k, v in interleaved_medians(steps, n, warmup).items()}
 
 
 def compile_one(model, opt, ids, fullgraph: bool, eager_ms: float) -> tuple:
@@ -189,10 +181,11 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compile.json").write_text(
+    stem = "compile_quick" if args.quick else "compile"  # a quick run never overwrites the README's numbers
+    (RESULTS / f"{stem}.json").write_text(
         json.dumps({"size": size, "tokens": tokens, "r": r, "loss_diff": loss_diff, "rows": rows}, indent=2)
     )
-    (RESULTS / "compile.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     return 0
 
 

@@ -116,6 +116,15 @@ def bench_one(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> dict:
     return row
 
 
+def _table(header: str, rows: dict, ratio: str) -> list[str]:
+    """Markdown lines: ``header`` names a label column and three timing columns; each row's ratio is
+    its second timing over its first."""
+    out = ["", f"| {header} | {ratio} |", "|---" * (header.count("|") + 2) + "|"]
+    for label, (first, second, third) in rows.items():
+        out.append(f"|{label} | {first:.3f} | {second:.3f} | {third:.3f} | {second / first:.3f} |")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three sizes of M only")
@@ -143,25 +152,17 @@ def main(argv=None) -> int:
             f"| {r['speedup_vs_unfused']:.2f}× | {r['fused_over_base']:.3f} |"
         )
     multi = {n: timed(multi_cases(4096, 4096, 4096, 16, n, dtype)) for n in (4, 32)}
-    lines += [
-        "",
-        "| mixed batch, M = 4096, n adapters | one adapter (ms) | segmented kernels (ms) | per-adapter loop (ms) | segmented / one |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for n, t in multi.items():
-        lines.append(
-            f"| {n} | {t['single']:.3f} | {t['segmented']:.3f} | {t['loop']:.3f} | {t['segmented'] / t['single']:.3f} |"
-        )
+    lines += _table(
+        "mixed batch, M = 4096 | n adapters | one adapter (ms) | segmented kernels (ms) | per-adapter loop (ms)",
+        {f"| {n}": (t["single"], t["segmented"], t["loop"]) for n, t in multi.items()},
+        ratio="segmented / one",
+    )
     ce = {rho: timed(celora_cases(4096, 4096, 4096, 14, rho, dtype)) for rho in (0.55, 0.65)}
-    lines += [
-        "",
-        "| CE-LoRA ∂x, T = 4096, [4096, 4096], r0 = 14 | ρ | dense G W (ms) | Triton (ms) | composite (ms) | Triton / dense |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for rho, t in ce.items():
-        lines.append(
-            f"| | {rho} | {t['dense']:.3f} | {t['triton']:.3f} | {t['composite']:.3f} | {t['triton'] / t['dense']:.3f} |"
-        )
+    lines += _table(
+        "CE-LoRA ∂x, T = 4096, [4096, 4096], r0 = 14 | ρ | dense G W (ms) | Triton (ms) | composite (ms)",
+        {f"| {rho}": (t["dense"], t["triton"], t["composite"]) for rho, t in ce.items()},
+        ratio="Triton / dense",
+    )
     table = "\n".join(lines)
     print(f"{torch.cuda.get_device_name()}  K = N = 4096, r = 16, {args.dtype}\n{table}")
     RESULTS.mkdir(exist_ok=True)
