@@ -197,3 +197,17 @@ def test_slot_follows_active_merge_delete_and_deepcopy():
     lorafx.delete_adapter(model, "b")
     assert sa._slot is None and sa.active is None
     assert "_slot" not in str(list(model.state_dict()))
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_torch_export_keeps_one_lorafx_op_per_site(variant):
+    """torch.export (the front-end of torch.compile's AOT path and of the ONNX exporter) on the op path:
+    every site is one ``lorafx::lora_linear`` node, and the exported program equals eager."""
+    model = _adapted(CONFIGS[variant], names=("a",)).eval()
+    lorafx.kernels.lowering.use_kernels(model, "triton")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    ep = torch.export.export(model, (ids,))
+    calls = [n for n in ep.graph.nodes if n.target is torch.ops.lorafx.lora_linear.default]
+    assert len(calls) == len(lorafx.iter_sites(model)) == 7
+    with torch.no_grad():
+        assert_close(ep.module()(ids).logits, model(ids).logits)

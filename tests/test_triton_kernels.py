@@ -172,6 +172,15 @@ if INTERPRETED:
         assert len(calls) == 2  # the kernel op is in the graph, once per site, no graph break
         torch._dynamo.reset()
 
+        class Block(torch.nn.Module):
+            def forward(self, x):
+                return block(x)
+
+        ep = torch.export.export(Block(), (x,))  # and torch.export keeps it as one node per site
+        calls = [n for n in ep.graph.nodes if n.target is torch.ops.lorafx_test.lora_linear_interp.default]
+        assert len(calls) == 2
+        assert_close(ep.module()(x), block(x))
+
     def test_triton_op_runs_the_kernels_with_the_op_autograd():
         """``lorafx::lora_linear_triton`` (the inductor-visible form on GPU), eagerly on CPU tensors."""
         from lorafx.kernels import ops as ops_module
