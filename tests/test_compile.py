@@ -211,3 +211,15 @@ def test_torch_export_keeps_one_lorafx_op_per_site(variant):
     assert len(calls) == len(lorafx.iter_sites(model)) == 7
     with torch.no_grad():
         assert_close(ep.module()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_dynamic_sequence_lengths_compile_once(variant):
+    """``dynamic=True``: four sequence lengths, one graph (nothing in a site specialises on the length)."""
+    model = _adapted(CONFIGS[variant], names=("a",)).eval()
+    compiled = lorafx.compile(model, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 7, 11, 3):
+            ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+            assert_close(compiled(ids).logits, model(ids).logits, msg=f"length {length}")
+    assert counters["stats"]["unique_graphs"] == 1
