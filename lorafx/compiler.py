@@ -82,10 +82,10 @@ def compile(
 def _attach_missing(model: nn.Module) -> None:
     """Give adapters that ``apply`` could not prepare (CE-LoRA applied to an eval-mode or meta model:
     no SVD yet) their base weight now, in eager, so that the compiled training graph never needs it."""
-    for fqn, sa in iter_sites(model).items():
+    for sa in iter_sites(model).values():
         for adapter in sa.adapters.values():
-            if getattr(adapter, "needs_attach", False):
-                weight = model.get_parameter(f"{fqn}.weight")
+            if adapter.needs_attach:
+                weight = model.get_submodule(sa.site).weight  # as merge reads it
                 adapter.attach(weight.t() if sa.fan_in_fan_out else weight, force=True)
 
 

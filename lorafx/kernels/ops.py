@@ -259,7 +259,9 @@ def _(dy, x, W, A, B, s, idx, need_dx):
 def _backward_multi(ctx, dy):
     x, W, A, B, s, idx = ctx.saved_tensors
     n = _needs(ctx)
-    dx, dA, dB = lora_linear_multi_backward(dy, x, W, A, B, s, idx, n[0])
+    dx = dA = dB = None
+    if n[0] or n[3] or n[4]:  # frozen adapters and an input without grad (serving): base grads only
+        dx, dA, dB = lora_linear_multi_backward(dy, x, W, A, B, s, idx, n[0])
     dW, db = _base_grads(_flat(dy), _flat(x), W, n[1], n[2] and ctx.has_b)
     return dx if n[0] else None, dW, db, dA if n[3] else None, dB if n[4] else None, None, None
 
