@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lorafx  # noqa: E402
-from lorafx.kernels.reference import lora_linear  # noqa: E402
+from lorafx.canonical import lora_linear  # noqa: E402
 from lorafx.models import tiny_llama  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -3,26 +3,27 @@
 ``import lorafx`` stays light: it imports torch only (no triton, onnx or transformers).
 """
 
-from lorafx.adapter import Adapter, Lowered, SiteAdapters
+from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.adapter_files import load_adapter, save_adapter
-from lorafx.apply import (
+from lorafx.apply import apply
+from lorafx.canonical import Lowered
+from lorafx.compiler import compile, compile_check  # lorafx kernels/compile (issue 4)
+from lorafx.config import AdapterConfig, register_variant, variant_names
+from lorafx.errors import AdapterFileError, ExportError, LorafxError, NotMergeableError, SpecError, TraceError
+from lorafx.merge import is_merged, merge, unmerge
+from lorafx.peft_interop import from_peft, to_peft
+from lorafx.report import Report, build_report
+from lorafx.serving import using_adapter
+from lorafx.spec import Spec
+from lorafx.state import (
     active_adapter,
     adapter_names,
-    apply,
     delete_adapter,
     iter_sites,
     set_adapter,
     set_scale,
     step,
 )
-from lorafx.compiler import compile, compile_check  # lorafx kernels/compile (issue 4)
-from lorafx.config import AdapterConfig, register_variant, variant_names
-from lorafx.errors import AdapterFileError, LorafxError, NotMergeableError, SpecError, TraceError
-from lorafx.merge import is_merged, merge, unmerge
-from lorafx.peft_interop import from_peft, to_peft
-from lorafx.report import Report, build_report
-from lorafx.serving import using_adapter
-from lorafx.spec import Spec
 from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 from lorafx.verify import verify_merge
 
@@ -35,6 +36,7 @@ __all__ = [
     "CELoRA",
     "CapaBoost",
     "DropLoRA",
+    "ExportError",
     "LoRA",
     "LorafxError",
     "Lowered",

@@ -1,36 +1,18 @@
-"""The canonical low-rank form and the per-site adapter container.
+"""The per-site adapter (:class:`Adapter`, one per variant) and container (:class:`SiteAdapters`).
 
-Every variant lowers one call site to::
-
-    y = x Wᵀ + b + s · ((x_in Aᵉᵀ) ⊙ g) Bᵉᵀ        Aᵉ [R, d_in]  Bᵉ [d_out, R]  g [..., R] or None
-
-where ``x_in`` is the adapter-path input (``x`` after LoRA's input dropout). :class:`Lowered` carries
-those operands; :func:`lorafx.kernels.reference.lora_linear` evaluates them. Merging, kernels, ONNX
-export and PEFT conversion are written once against this form.
+An adapter's one job is :meth:`Adapter.lower`: its site in the canonical form
+(:class:`lorafx.canonical.Lowered`), which :mod:`lorafx.canonical` evaluates. Merging, kernels, ONNX
+export and PEFT conversion are written once against that form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
+from lorafx.canonical import Lowered
 from lorafx.config import AdapterConfig
 from lorafx.errors import NotMergeableError
-
-
-class Lowered(NamedTuple):
-    """One site's adapter in canonical form (see the module docstring)."""
-
-    x: torch.Tensor  # adapter-path input, [..., d_in] (dropout applied in training)
-    A: torch.Tensor  # [R, d_in]
-    B: torch.Tensor  # [d_out, R]
-    scale: float | torch.Tensor  # 0-dim tensor from Adapter.scale (a float would be a compile guard)
-    gate: torch.Tensor | None = None  # [..., R]; None = no gate
-    base: Callable | None = None  # replaces F.linear(x, W, b) for the frozen term (CE-LoRA's backward)
-    h: torch.Tensor | None = None  # x_in Aᵉᵀ precomputed a cheaper, equal way ([..., R]; MoR's one shared shrink)
 
 
 class Adapter(nn.Module):

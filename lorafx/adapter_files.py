@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafx.apply import Prepared, commit, info, iter_sites, linear_shape, prepare
+from lorafx import state
+from lorafx.apply import Prepared, commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
+from lorafx.plan import linear_sites
 from lorafx.spec import Spec
 
 WEIGHTS = "lorafx_adapter.safetensors"
@@ -34,20 +36,16 @@ def _state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def _modules_of(model: nn.Module, name: str) -> dict[str, nn.Module]:
-    mods = {sa.site: sa.adapters[name] for sa in iter_sites(model).values() if name in sa.adapters}
-    shared = getattr(model, "lorafx_shared", None)
-    if shared is not None:
-        mods.update({f"lorafx_shared.{k.split('__', 1)[1]}": m for k, m in shared.items() if k.split("__")[0] == name})
+    mods = {sa.site: sa.adapters[name] for sa in state.iter_sites(model).values() if name in sa.adapters}
+    for key, m in state.shared_modules(model, name).items():
+        mods[f"{state.SHARED}.{state.split_shared_key(key)[1]}"] = m
     return mods
 
 
 def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, list[int]]:
     """Site FQN -> ``[d_out, d_in]`` of the base linear: what an adapter file must fit."""
-    out = {}
-    for fqn in sites:
-        d_in, d_out, _ = linear_shape(model.get_submodule(fqn))
-        out[fqn] = [d_out, d_in]
-    return out
+    linears = linear_sites(model)
+    return {fqn: [linears[fqn].out_features, linears[fqn].in_features] for fqn in sites}
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
@@ -62,20 +60,18 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     """
     from safetensors.torch import save_file
 
-    data = info(model)
-    name = name or data.active
-    if name not in data.specs:
-        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
+    name = name or state.get(model).active
+    data = state.require(model, name)
     modules = _modules_of(model, name)
-    state = _state(modules)
-    sharded = any(hasattr(t, "full_tensor") for t in state.values())  # DTensor (FSDP2)
-    full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in state.items()}  # collective
+    tensors = _state(modules)
+    sharded = any(hasattr(t, "full_tensor") for t in tensors.values())  # DTensor (FSDP2)
+    full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in tensors.items()}  # collective
     tensors = {k: t.detach().contiguous().cpu() for k, t in full.items()}
     directory = Path(directory)
     if sharded and torch.distributed.get_rank() != 0:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    sites = [k for k in modules if not k.startswith("lorafx_shared.")]
+    sites = [k for k in modules if not k.startswith(f"{state.SHARED}.")]
     meta = {
         "format": "lorafx.adapter",
         "format_version": FILE_FORMAT_VERSION,

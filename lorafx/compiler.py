@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorafx.apply import iter_sites
 from lorafx.errors import SpecError
+from lorafx.state import iter_sites
 
 
 def compile(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafx import state
 from lorafx.adapter import SiteAdapters
-from lorafx.apply import info, iter_sites
 from lorafx.errors import NotMergeableError, SpecError
+from lorafx.state import iter_sites
 
 
 def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
@@ -36,7 +37,7 @@ def mergeable_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteA
     The one precondition of :func:`merge` and :func:`lorafx.verify_merge` (``caller`` prefixes the
     message)."""
     prefix = f"{caller}: " if caller else ""
-    name = info(model).active
+    name = state.get(model).active
     if name is None:
         raise SpecError(f"{prefix}no active adapter to merge; lorafx.set_adapter(model, name) first")
     sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafx import state
 from lorafx.adapter_files import load_prepared, read_safetensors
-from lorafx.apply import commit, info, iter_sites, prepare, select_sites
+from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
+from lorafx.plan import linear_sites, select
 from lorafx.spec import Spec
 from lorafx.variants.lora import LoRA
 
@@ -80,7 +82,9 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
     )
     plain = Spec(base, targets=targets, exclude=exclude)
     overrides = {}
-    for fqn in select_sites(model, plain):
+    sites = linear_sites(model)
+    select(model, plain, sites)
+    for fqn in [f for f, s in sites.items() if s.selected]:
         r = _peft_pattern(cfg.get("rank_pattern") or {}, fqn) or base.r
         alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, fqn) or base.alpha
         if (r, alpha) != (base.r, base.alpha):
@@ -120,11 +124,9 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
     """
     from safetensors.torch import save_file
 
-    data = info(model)
-    name = name or data.active
-    if name not in data.specs:
-        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
-    sites = {sa.site: sa for sa in iter_sites(model).values() if name in sa.adapters}
+    name = name or state.get(model).active
+    data = state.require(model, name)
+    sites = {sa.site: sa for sa in state.iter_sites(model).values() if name in sa.adapters}
     bad = sorted(f for f, sa in sites.items() if type(sa.adapters[name].config) is not LoRA)
     if bad:
         raise SpecError(f"to_peft converts plain LoRA only; adapter {name!r} has other variants at {bad[:5]}")

@@ -1,19 +1,20 @@
 """What ``apply(model, spec)`` would do, site by site, without touching the model.
 
-:func:`build_report` is the library side of ``lorafx inspect``: it runs the same planning and
-building code as :func:`lorafx.apply` (``select_sites``, ``plan_regions``/``find_sites``,
-``prepare``), so the numbers are those of the real rewrite, for every variant, with no per-variant
-code here. Variant-specific numbers come from the adapters ``prepare`` built:
+:func:`build_report` is the library side of ``lorafx inspect``: it describes the one
+:class:`~lorafx.plan.Plan` that ``apply`` would build and commit (``prepare``: plan, then build),
+and never plans or traces again, so the numbers are those of the real rewrite, for every variant,
+with no per-variant code here. Variant-specific numbers come from the adapters ``prepare`` built:
 
 * **rank** is ``R``, the row count of the lowered ``Aᵉ`` (``r`` for LoRA, ``N·r`` for MoR, ``d·r``
   for CapaBoost);
 * **params** are the adapter's parameters (shared modules such as Uni-LoRA's vector are listed
   separately and counted once in the totals, exactly as ``apply`` makes them trainable);
 * **bytes** are the adapter's ``state_dict`` (parameters and buffers), what an adapter file holds;
-* **FLOPs per token** are the matmul FLOPs of lowering one site and evaluating the canonical form
-  ``s·((x Aᵉᵀ) ⊙ g) Bᵉᵀ`` out of place, counted by ``torch.utils.flop_counter`` at 1 and 2 tokens:
-  the difference is the per-token cost, the rest is a per-call cost (``flops_fixed``). Elementwise
-  work (gate, scale) is not counted, as FLOP counters usually do not.
+* **FLOPs per token** are the matmul FLOPs of lowering one site and evaluating it with the one
+  canonical evaluator the graph calls (:func:`lorafx.canonical.adapter_flops`), counted by
+  ``torch.utils.flop_counter`` at 1 and 2 tokens: the difference is the per-token cost, the rest is a
+  per-call cost (``flops_fixed``). Elementwise work (gate, scale) is not counted, as FLOP counters
+  usually do not.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from lorafx.adapter import Adapter
-from lorafx.apply import linear_modules, linear_shape, prepare, select_sites
-from lorafx.passes.find_sites import find_sites
-from lorafx.regions import plan_regions
+from lorafx.apply import prepare
+from lorafx.canonical import adapter_flops
 from lorafx.spec import Spec
 
 
@@ -146,21 +145,6 @@ def _state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _count_flops(adapter: Adapter, tokens: int, like: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode  # imports triton: not at `import lorafx` time
-
-    x = torch.zeros(
-        tokens, adapter.in_features, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device
-    )
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        low = adapter.lower(x)
-        h = F.linear(low.x.to(low.A.dtype), low.A)
-        if low.gate is not None:
-            h = h * low.gate
-        F.linear(h, low.B)
-    return counter.get_total_flops()
-
-
 def _describe_adapter(row: SiteRow, adapter: Adapter, weight: torch.Tensor) -> None:
     """Fill the variant columns of ``row`` from the built adapter (generic over variants)."""
     was_training = adapter.training
@@ -168,7 +152,9 @@ def _describe_adapter(row: SiteRow, adapter: Adapter, weight: torch.Tensor) -> N
     try:
         with torch.no_grad():
             low = adapter.lower(torch.zeros(1, adapter.in_features, dtype=adapter_dtype(adapter), device=weight.device))
-        one, two = _count_flops(adapter, 1, weight), _count_flops(adapter, 2, weight)
+        # only the base weight's shape matters (its FLOPs are subtracted): a stride-0 stand-in, no copy
+        w = low.x.new_zeros((), dtype=low.A.dtype).expand(adapter.out_features, adapter.in_features)
+        one, two = (adapter_flops(adapter.lower, low.x.new_zeros(n, adapter.in_features), w) for n in (1, 2))
     finally:
         adapter.train(was_training)
     cfg = adapter.config
@@ -191,22 +177,6 @@ def adapter_dtype(adapter: Adapter) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _forms(model: nn.Module, fqns: list[str]) -> tuple[dict[str, str], dict[str, str], list[RegionRow]]:
-    """Site FQN -> IR form and -> region FQN, and the regions, as ``plan_regions`` plans them."""
-    forms, where, rows = {}, {}, []
-    if not fqns:
-        return forms, where, rows
-    for region in plan_regions(model, fqns):
-        sites = {s.fqn: s for s in find_sites(region.graph_module, region.fqn)}
-        full = [f"{region.fqn}.{s}".strip(".") if s else region.fqn for s in region.sites]
-        for fqn in full:
-            forms[fqn] = sites[fqn].form if fqn in sites else "call_function"
-            where[fqn] = region.fqn
-        kind = "whole model" if region.fqn == "" else "single linear" if full == [region.fqn] else "submodule"
-        rows.append(RegionRow(region.fqn, type(region.module).__name__, full, kind))
-    return forms, where, rows
-
-
 def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
     """Plan and build ``apply(model, spec, name)`` off the model and describe every linear site.
 
@@ -217,28 +187,20 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
         >>> report = lorafx.build_report(model, lorafx.Spec(lorafx.LoRA(r=8), targets=["q_proj", "v_proj"]))
         >>> report.totals()["trainable_params"]
     """
-    linears = linear_modules(model)
-    selected = select_sites(model, spec)
     prep = prepare(model, spec, name)
-    all_forms, _, _ = _forms(model, [f for f in linears if f not in selected])
-    forms, where, regions = _forms(model, list(selected))
-    all_forms.update(forms)
+    plan = prep.plan
     rows = []
-    for fqn, module in linears.items():
-        d_in, d_out, fan_in_fan_out = linear_shape(module)
-        row = SiteRow(
-            fqn,
-            "Conv1D" if fan_in_fan_out else "Linear",
-            all_forms.get(fqn, "call_module"),
-            d_in,
-            d_out,
-            where.get(fqn),
-        )
-        if fqn in selected:
-            row.rule = selected[fqn]
-            row.override = spec.config_for(fqn)[1]
-            _describe_adapter(row, prep.adapters[fqn], module.weight)
+    for fqn, site in plan.sites.items():
+        row = SiteRow(fqn, site.module_type, site.form, site.in_features, site.out_features, site.region)
+        if site.selected:
+            row.rule, row.override = site.rule, site.override
+            _describe_adapter(row, prep.adapters[fqn], site.weight)
         rows.append(row)
+    regions = []
+    for region in plan.regions:
+        full = [f"{region.fqn}.{s}".strip(".") if s else region.fqn for s in region.sites]
+        kind = "whole model" if region.fqn == "" else "single linear" if full == [region.fqn] else "submodule"
+        regions.append(RegionRow(region.fqn, type(region.module).__name__, full, kind))
     shared = [SharedRow(k, sum(p.numel() for p in m.parameters()), _state_bytes(m)) for k, m in prep.shared.items()]
     params = list(model.parameters())
     base_flops = sum(2 * r.in_features * r.out_features for r in rows)

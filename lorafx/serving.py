@@ -17,7 +17,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorafx.apply import info, set_adapter
+from lorafx import state
+from lorafx.state import set_adapter
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -44,7 +45,7 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         ...     logits = model(input_ids).logits
     """
     with _lock(model):
-        previous = info(model).active
+        previous = state.get(model).active
         set_adapter(model, name)  # validates the name before changing anything
         try:
             yield model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from lorafx import state
 from lorafx.adapter import SiteAdapters
 
 
@@ -20,7 +21,7 @@ def tensor_bytes(t: torch.Tensor) -> tuple:
 
 
 def snapshot(model: nn.Module) -> dict:
-    info = model.__dict__.get("_lorafx")
+    info = state.find(model)
     return {
         "state": {k: tensor_bytes(v) for k, v in model.state_dict(keep_vars=True).items()},
         "modules": [(n, type(m).__qualname__, m.training) for n, m in model.named_modules()],

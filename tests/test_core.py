@@ -260,10 +260,10 @@ def test_second_adapter_on_new_and_shared_sites(tiny_llama):
 
 
 def test_spec_targets_forms(tiny_llama):
-    from lorafx.apply import select_sites
+    from lorafx.plan import plan
 
     def sel(**kw):
-        return sorted(select_sites(tiny_llama, lorafx.Spec(lorafx.LoRA(), **kw)))
+        return sorted(plan(tiny_llama, lorafx.Spec(lorafx.LoRA(), **kw)).selected)
 
     assert sel(targets=["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert sel(targets=r"model\.layers\.1\..*_proj") == sorted(

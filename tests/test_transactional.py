@@ -24,6 +24,7 @@ from lorafx.variants.lora import LoRA, LoRAAdapter
 # ``lorafx.apply`` / ``lorafx.merge`` are the functions; the modules are needed to patch internals.
 apply_mod = importlib.import_module("lorafx.apply")
 merge_mod = importlib.import_module("lorafx.merge")
+state_mod = importlib.import_module("lorafx.state")
 
 
 class Injected(RuntimeError):
@@ -60,7 +61,7 @@ APPLY_FAULTS = {
     "second adapter construction": (LoRA, "make_adapter", 2),
     "second region rewrite": (apply_mod, "insert_adapters", 2),
     "second region swap (commit)": (apply_mod, "setattr", 2),  # module global shadows the builtin
-    "activation (commit, last step)": (apply_mod, "set_adapter", 1),
+    "activation (commit, last step)": (state_mod, "set_adapter", 1),
 }
 
 
@@ -108,7 +109,7 @@ def test_apply_every_variant_whole_model_region_commit_failure(monkeypatch, name
     torch.manual_seed(0)
     model = TinyMLP()
     spec = lorafx.Spec(example_configs()[name], targets="all-linear")
-    _expect_failure(monkeypatch, model, (apply_mod, "set_adapter", 1), lambda: lorafx.apply(model, spec))
+    _expect_failure(monkeypatch, model, (state_mod, "set_adapter", 1), lambda: lorafx.apply(model, spec))
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -152,7 +153,7 @@ def saved(tmp_path):
 LOAD_FAULTS = {
     "second tensor copy": (LoRAAdapter, "load_state_dict", 2),
     "second region swap (commit)": (apply_mod, "setattr", 2),
-    "activation (commit)": (apply_mod, "set_adapter", 1),
+    "activation (commit)": (state_mod, "set_adapter", 1),
 }
 
 

@@ -299,7 +299,7 @@ def test_save_load_exact(case, tmp_path, tiny_llama):
 
 def test_mor_factored_shrink_equals_canonical():
     """``Lowered.h`` (one shared shrink) = the canonical ``x_in Aᵉᵀ``; lora_linear gives the same y."""
-    from lorafx.kernels.reference import lora_linear
+    from lorafx.canonical import lora_linear
 
     model = adapt(CASES[1], random=True)
     a, lin = site_adapters(model)["fc1"], model.fc1

@@ -15,8 +15,8 @@ from pathlib import Path
 from torch import fx
 
 from lorafx.adapter import SiteAdapters
+from lorafx.canonical import lora_linear
 from lorafx.errors import LorafxError
-from lorafx.kernels.reference import lora_linear
 from lorafx.passes.insert_adapters import CONTAINER
 
 ADAPTER_FILL = "#f4a261"  # the adapter subgraph: orange on the grey base graph

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafx.apply import iter_sites, set_adapter
+from lorafx import state
 from lorafx.export.exporter import _flatten_output, _normalise_inputs, to_onnx
 from lorafx.export.patch import eval_mode
+from lorafx.state import iter_sites, set_adapter
 
 
 def check_onnx(model: nn.Module, example_inputs, mode: str = "merged", adapters: list[str] | None = None) -> float:
@@ -55,7 +56,7 @@ def compare_export(model: nn.Module, example_inputs, directory) -> float:
 @torch.no_grad()
 def _eager(model, keys, values, as_kwargs, name, keep: bool = False) -> dict[str, np.ndarray]:
     """Eager outputs with adapter ``name`` active (``keep``: as the model is now); activity restored."""
-    data = model.__dict__.get("_lorafx")
+    data = state.find(model)
     previous = data.active if data is not None else None
     if not keep and data is not None:
         set_adapter(model, name)

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafx import state as adapter_state
 from lorafx.adapter import Lowered, SiteAdapters
-from lorafx.apply import info, iter_sites, set_adapter
 from lorafx.errors import ExportError, NotMergeableError, SpecError
 from lorafx.export.layout import SiteLayout, build_layout, make_feed, model_feed_tensors, write_export_adapter
 from lorafx.export.patch import eval_mode, fed_sites
 from lorafx.export.tensors import SCALE, lower_from
 from lorafx.merge import merge, unmerge
+from lorafx.state import iter_sites, set_adapter
 
 MODES = ("merged", "unmerged", "multi")
 MANIFEST = "lorafx_export.json"
@@ -226,7 +227,7 @@ def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, directory: Pa
 
 
 def _export_merged(model, keys, values, as_kwargs, directory, adapters, dynamic, opset) -> dict:
-    data = model.__dict__.get("_lorafx")
+    data = adapter_state.find(model)
     name = data.active if data is not None else None
     if adapters:
         if len(adapters) != 1:
@@ -245,7 +246,7 @@ def _merged(model: nn.Module, name: str | None):
     if name is None or any(sa.merged for sa in iter_sites(model).values()):
         yield  # a plain model, or one the user merged already: export as it is
         return
-    previous = info(model).active
+    previous = adapter_state.get(model).active
     set_adapter(model, name)
     try:
         merge(model, keep_original=True)
@@ -260,7 +261,7 @@ def _merged(model: nn.Module, name: str | None):
 
 
 def _export_fed(model, keys, values, as_kwargs, directory, mode, adapters, rank, dynamic, opset) -> dict:
-    data = info(model)
+    data = adapter_state.get(model)
     if any(sa.merged for sa in iter_sites(model).values()):
         raise ExportError(f"mode {mode!r} needs the adapters unmerged; call lorafx.unmerge(model) first")
     names = list(adapters) if adapters else _default_names(data)

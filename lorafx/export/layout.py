@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from lorafx.adapter import Adapter
-from lorafx.apply import iter_sites
 from lorafx.errors import AdapterFileError, ExportError, SpecError
 from lorafx.export.tensors import SCALE, form_of, pad_to, site_tensors
+from lorafx.state import iter_sites
 
 EXPORT_WEIGHTS = "lorafx_export_adapter.safetensors"
 EXPORT_CONFIG = "lorafx_export_adapter.json"

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lorafx.adapter import Lowered, SiteAdapters
-from lorafx.apply import iter_sites
-from lorafx.kernels.reference import lora_linear
+from lorafx.canonical import lora_linear
 from lorafx.regions import is_region
+from lorafx.state import iter_sites
 
 
 def export_linear(

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafx import canonical as reference
 from lorafx.adapter import Lowered
 from lorafx.errors import SpecError
-from lorafx.kernels import ops, reference
+from lorafx.kernels import ops
 from lorafx.regions import is_region
 
 

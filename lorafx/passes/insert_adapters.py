@@ -17,8 +17,8 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from lorafx.adapter import SiteAdapters
+from lorafx.canonical import lora_linear
 from lorafx.errors import TraceError
-from lorafx.kernels.reference import lora_linear
 from lorafx.passes.find_sites import LinearSite, find_sites
 
 CONTAINER = "lorafx"
@@ -34,7 +34,11 @@ def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_nam
     new_graph = fx.Graph()
     out = new_graph.graph_copy(graph, {})
     new_graph.output(out)
-    return fx.GraphModule(gm, new_graph, class_name=class_name)
+    new = fx.GraphModule(gm, new_graph, class_name=class_name)
+    # A fresh module is in training mode: the copy takes the original's flag, for itself only (its
+    # children are the original's own modules, shared, and keep theirs).
+    new.training = gm.training
+    return new
 
 
 def _operands(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node, fx.Node | None]:

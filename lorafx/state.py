@@ -1,0 +1,189 @@
+"""Model-level adapter state: which adapters a model holds, which one is active, and the operations on
+them (``set_adapter``, ``set_scale``, ``delete_adapter``, ``step``, ...).
+
+The record is plain (non-Module) data kept on the model root as ``model.__dict__["_lorafx"]``, so it
+is not a submodule, not in ``state_dict`` and survives ``.to()``. This module is its only reader and
+writer. Per-site state (the adapters themselves, the active slot, merged flags) lives in each
+:class:`~lorafx.adapter.SiteAdapters`; model-level shared modules (Uni-LoRA's one vector) live in
+``model.lorafx_shared`` under keys built and parsed here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorafx.adapter import SiteAdapters
+from lorafx.errors import SpecError
+
+SHARED = "lorafx_shared"  # root submodule holding model-level shared modules
+_KEY = "_lorafx"
+_SEP = "__"  # shared key: "<adapter name>__<variant>"; variant names never contain it
+
+
+@dataclass
+class AdapterState:
+    """What lorafx knows about a model: adapter name -> Spec (in apply order) and the active name."""
+
+    specs: dict = field(default_factory=dict)
+    active: str | None = None
+
+
+def find(model: nn.Module) -> AdapterState | None:
+    """The state of ``model``, or None when lorafx has not adapted it."""
+    return model.__dict__.get(_KEY)
+
+
+def get(model: nn.Module) -> AdapterState:
+    """The state of ``model``; a clear error if lorafx has not adapted it."""
+    data = find(model)
+    if data is None:
+        raise SpecError(f"{type(model).__name__} has no lorafx adapters; call lorafx.apply(model, spec) first")
+    return data
+
+
+def put(model: nn.Module, data: AdapterState | None) -> None:
+    """Set (or with None, remove) the state record of ``model``."""
+    if data is None:
+        model.__dict__.pop(_KEY, None)
+    else:
+        model.__dict__[_KEY] = data
+
+
+def require(model: nn.Module, name: str) -> AdapterState:
+    """The state of ``model``, after checking that it holds an adapter called ``name``."""
+    data = get(model)
+    if name not in data.specs:
+        raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
+    return data
+
+
+# ---- shared-module keys ---------------------------------------------------------------------------
+
+
+def shared_key(name: str, variant: str) -> str:
+    """Key of adapter ``name``'s shared module of ``variant`` in ``model.lorafx_shared``."""
+    return f"{name}{_SEP}{variant}"
+
+
+def split_shared_key(key: str) -> tuple[str, str]:
+    """Inverse of :func:`shared_key`: (adapter name, variant). Split at the last separator, so an
+    adapter named ``a__b`` is never mistaken for adapter ``a``."""
+    name, _, variant = key.rpartition(_SEP)
+    return name, variant
+
+
+def shared_modules(model: nn.Module, name: str | None = None) -> dict[str, nn.Module]:
+    """Shared key -> module on ``model`` (all, or only adapter ``name``'s)."""
+    shared = getattr(model, SHARED, None)
+    if shared is None:
+        return {}
+    return {k: m for k, m in shared.items() if name is None or split_shared_key(k)[0] == name}
+
+
+# ---- sites ---------------------------------------------------------------------------------------
+
+
+def iter_sites(model: nn.Module) -> dict[str, SiteAdapters]:
+    """Site FQN -> :class:`SiteAdapters` for every rewritten site of ``model``."""
+    return {m.site: m for m in model.modules() if isinstance(m, SiteAdapters)}
+
+
+def adapter_modules(model: nn.Module, name: str) -> list[nn.Module]:
+    """Every module of adapter ``name``: its per-site adapters, then its shared modules."""
+    mods = [sa.adapters[name] for sa in iter_sites(model).values() if name in sa.adapters]
+    return mods + list(shared_modules(model, name).values())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block; each one's own flag restored after (submodules
+    may differ from the root, e.g. a frozen encoder kept in eval inside a training model)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+# ---- the user-facing operations ------------------------------------------------------------------
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter at every site (sites without it run the base weight only).
+
+    Switching changes no graph and re-traces nothing; ``None`` disables all adapters. Only the
+    active adapter's parameters require grad.
+    """
+    data = get(model) if name is None else require(model, name)
+    sites = iter_sites(model)
+    merged = sorted({sa.merged for sa in sites.values() if sa.merged is not None})
+    if merged and name != merged[0]:
+        raise SpecError(
+            f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching"
+        )
+    # One pass over the sites (not one per adapter name): with 120 adapters on a 7-site Llama layer,
+    # the per-name walk made a switch cost 0.77 s; this one takes milliseconds.
+    for sa in sites.values():
+        for other, adapter in sa.adapters.items():
+            adapter.requires_grad_(other == name)
+        sa.active = name if name in sa.adapters else None
+    for key, m in shared_modules(model).items():
+        m.requires_grad_(split_shared_key(key)[0] == name)
+    data.active = name
+
+
+def set_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
+    """Set the scale ``s`` of adapter ``name`` (default: the active one) at every site, in place.
+
+    The scale is a 0-dim tensor (``Adapter.scale``), so a compiled model does not recompile. Merged
+    adapters must be unmerged first (their ΔW is already in the weights).
+    """
+    name = get(model).active if name is None else name
+    require(model, name)
+    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    if any(sa.merged == name for sa in sites):
+        raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before changing its scale")
+    for sa in sites:
+        sa.adapters[name].scale = scale
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """Name of the active adapter (None when disabled)."""
+    return get(model).active
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were applied."""
+    return list(get(model).specs)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and its parameters (the rewritten graphs stay; sites fall back to base)."""
+    data = require(model, name)
+    sites = iter_sites(model).values()
+    if any(sa.merged == name for sa in sites):
+        raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before deleting it")
+    for sa in sites:
+        if name in sa.adapters:
+            del sa.adapters[name]
+            if sa.active == name:
+                sa.active = None
+    shared = getattr(model, SHARED, None)
+    for key in shared_modules(model, name):
+        del shared[key]
+    del data.specs[name]
+    if data.active == name:
+        data.active = None
+
+
+def step(model: nn.Module) -> None:
+    """Tell stateful adapters that an optimizer step happened (CE-LoRA counts steps, not forwards)."""
+    for sa in iter_sites(model).values():
+        for adapter in sa.adapters.values():
+            adapter.on_step()
