@@ -105,9 +105,7 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
 
 
 @site_implementation("composite")
-def lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | None, inplace: bool = True
-) -> Tensor:
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | None, inplace: bool = True) -> Tensor:
     """``x Wᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ``; with ``low=None`` just the base linear.
 
     The call target of every rewritten site (:mod:`lorafx.passes.insert_adapters`).

@@ -48,7 +48,12 @@ def executed_flops(model, x) -> int:
 
 @pytest.mark.parametrize(
     "config",
-    [lorafx.MoR(r=8, experts=4), lorafx.LoRA(r=8), lorafx.CapaBoost(r=4, copies=2), lorafx.UniLoRA(r=4, vector_length=512)],
+    [
+        lorafx.MoR(r=8, experts=4),
+        lorafx.LoRA(r=8),
+        lorafx.CapaBoost(r=4, copies=2),
+        lorafx.UniLoRA(r=4, vector_length=512),
+    ],
     ids=lambda c: c.name,
 )
 def test_inspect_flops_equal_the_executed_ones(config):
