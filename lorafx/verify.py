@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafx import state
 from lorafx.errors import SpecError
 from lorafx.merge import merge, mergeable_sites, unmerge
 
@@ -60,18 +61,13 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
         >>> assert report["max_abs_diff"] < 1e-4
     """
     name, sites = mergeable_sites(model, "verify_merge")
-    modes = [(m, m.training) for m in model.modules()]  # per module: submodules may differ from the root
-    model.eval()
-    try:
+    with state.eval_mode(model):
         unmerged = _run(model, inputs)
         merge(model, keep_original=True)  # keep_original: unmerge restores W exactly, not W + ΔW - ΔW
         try:
             merged = _run(model, inputs)
         finally:
             unmerge(model)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     diff = (merged - unmerged).abs()
     weight = model.get_submodule(sites[0].site).weight
     return {
