@@ -20,9 +20,10 @@ class Adapter(nn.Module):
 
     Mergeable variants also get :meth:`delta_weight` for free from the lowering at eval, gate-free.
 
-    ``self.scale`` reads as a 0-dim fp32 tensor (a non-persistent buffer, so ``state_dict`` keys do
-    not change) and accepts a float on assignment. A Python float read inside ``forward`` becomes a
-    torch.compile guard (``scale == 2.0``), so changing it would recompile; a tensor is a graph input.
+    ``self.scale`` reads as a 0-dim fp32 tensor and accepts a float on assignment. A Python float read
+    inside ``forward`` becomes a torch.compile guard (``scale == 2.0``), so changing it would
+    recompile; a tensor is a graph input. The tensor is a persistent buffer (``scale_t``): a scale
+    changed by :func:`lorafx.set_scale` is state, kept by ``state_dict`` round trips and adapter files.
     """
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int, site: str):
@@ -31,7 +32,7 @@ class Adapter(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.site = site
-        self.register_buffer("scale_t", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("scale_t", torch.ones((), dtype=torch.float32))
         self._scale_value = 1.0  # exact value, to refill scale_t after a dtype change
 
     @property
@@ -52,6 +53,14 @@ class Adapter(nn.Module):
         if self.scale_t.dtype != dtype or dtype == torch.float64:
             self.scale_t = torch.full((), self._scale_value, dtype=dtype, device=self.scale_t.device)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A loaded scale that differs from ours beyond its own rounding is a new value (set_scale in
+        # the saved model); one equal to ours rounded keeps the exact Python value for fp64 refills.
+        loaded = float(self.scale_t)
+        if loaded != float(torch.tensor(self._scale_value, dtype=self.scale_t.dtype)):
+            self._scale_value = loaded
 
     def lower(self, x: torch.Tensor) -> Lowered:
         raise NotImplementedError

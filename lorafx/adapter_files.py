@@ -11,27 +11,38 @@ that leaves B at zero is the classic silent bug of this field.
 from __future__ import annotations
 
 import json
+import math
+import struct
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorafx import state
+from lorafx.adapter import Adapter
 from lorafx.apply import Prepared, commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
+from lorafx.files import read_consistent, resolve_dir, write_together
 from lorafx.plan import linear_sites
 from lorafx.spec import Spec
 
 WEIGHTS = "lorafx_adapter.safetensors"
 CONFIG = "lorafx_adapter.json"
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2  # 2: save ids in both files; each site's scale (set_scale) saved
+READABLE_VERSIONS = (1, 2)
+SAVE_ID = "lorafx_save_id"  # safetensors metadata key
+
+
+SCALE_KEY = "scale_t"  # Adapter.scale's buffer: files keep scales in the JSON ("scales"), readable
 
 
 def _state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     out = {}
     for prefix, module in modules.items():
         for key, t in module.state_dict().items():
-            out[f"{prefix}.{key}"] = t
+            if key != SCALE_KEY:
+                out[f"{prefix}.{key}"] = t
     return out
 
 
@@ -67,51 +78,100 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     sharded = any(hasattr(t, "full_tensor") for t in tensors.values())  # DTensor (FSDP2)
     full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in tensors.items()}  # collective
     tensors = {k: t.detach().contiguous().cpu() for k, t in full.items()}
-    directory = Path(directory)
     if sharded and torch.distributed.get_rank() != 0:
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
+        return Path(directory).expanduser()
+    directory = resolve_dir(directory, AdapterFileError, create=True)
     sites = [k for k in modules if not k.startswith(f"{state.SHARED}.")]
+    save_id = uuid.uuid4().hex  # in both files: a reader can tell whether they come from one save
     meta = {
         "format": "lorafx.adapter",
         "format_version": FILE_FORMAT_VERSION,
         "name": name,
+        "save_id": save_id,
         "spec": data.specs[name].to_dict(),
         "base": {"sites": fingerprint(model, sites)},
+        "scales": {k: m._scale_value for k, m in modules.items() if isinstance(m, Adapter)},
     }
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    write_together(
+        directory,
+        {
+            WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt", SAVE_ID: save_id}),
+            CONFIG: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
+        },
+        AdapterFileError,
+        last=CONFIG,
+    )
     return directory
 
 
 def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of an adapter directory, with clear errors for missing or broken files."""
-    directory = Path(directory)
+    """(metadata, tensors) of an adapter directory, with clear errors for missing or broken files.
+
+    Both files are read whole, once each; when both carry a save id (every file lorafx >= 0.2
+    writes) and the ids differ, the pair is read again (a concurrent save may be between its two
+    renames) and then refused: the JSON would describe other tensors than the file holds."""
+    directory = Path(directory).expanduser()
     cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
     for p in (cfg_path, w_path):
+        if p.is_dir():
+            raise AdapterFileError(f"{p}: is a directory, not a file")
         if not p.is_file():
             raise AdapterFileError(f"{p}: no such file (an adapter directory holds {CONFIG} and {WEIGHTS})")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "lorafx.adapter":
-        raise AdapterFileError(f"{cfg_path}: not a lorafx adapter file (no 'format': 'lorafx.adapter')")
-    if meta.get("format_version") != FILE_FORMAT_VERSION:
+
+    def read() -> tuple[dict, dict[str, torch.Tensor], dict]:
+        meta = _read_json(cfg_path)
+        tensors, file_meta = read_safetensors_with_metadata(w_path)
+        return meta, tensors, file_meta
+
+    def consistent(result) -> bool:
+        meta, _, file_meta = result
+        return SAVE_ID not in file_meta or meta.get("save_id") == file_meta[SAVE_ID]
+
+    meta, tensors, file_meta = read_consistent(read, consistent)
+    if not consistent((meta, tensors, file_meta)):
         raise AdapterFileError(
-            f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported (this lorafx reads {FILE_FORMAT_VERSION})"
+            f"{cfg_path} and {w_path} do not belong together (save ids {meta.get('save_id')!r} and "
+            f"{file_meta[SAVE_ID]!r}): they come from two different saves; save the adapter again"
         )
-    return meta, read_safetensors(w_path)
+    return meta, tensors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "lorafx.adapter":
+        raise AdapterFileError(f"{path}: not a lorafx adapter file (no 'format': 'lorafx.adapter')")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise AdapterFileError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported (this lorafx reads {FILE_FORMAT_VERSION})"
+        )
+    return meta
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a truncated or corrupted file is an :class:`AdapterFileError` naming it."""
-    from safetensors.torch import load_file
+    return read_safetensors_with_metadata(path)[0]
+
+
+def read_safetensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, the header's ``__metadata__``) of a safetensors file, read from disk once."""
+    from safetensors.torch import load
 
     try:
-        return load_file(str(path))
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        tensors = load(data)
+        (size,) = struct.unpack("<Q", data[:8])  # the format: u64 header length, then a JSON header
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError and OSError variants
         raise AdapterFileError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    return tensors, metadata
 
 
 def _kind(t: torch.Tensor) -> str:
@@ -141,22 +201,77 @@ def _short(keys: list[str], n: int = 8) -> str:
     return repr(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf in floating tensors: a diverged run's adapter would load and merge silently."""
+    bad = {}
+    for k, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[k] = n
+    if bad:
+        listed = ", ".join(f"{k!r} ({n} of {tensors[k].numel()})" for k, n in list(bad.items())[:6])
+        raise AdapterFileError(
+            f"{source}: non-finite values (NaN/Inf) in {listed}{' ...' if len(bad) > 6 else ''}; "
+            "pass allow_nonfinite=True to load them anyway (for inspection)"
+        )
+
+
 @torch.no_grad()
-def load_prepared(prep: Prepared, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Check ``tensors`` strictly against ``prep``'s adapters, then copy them in (model untouched)."""
+def load_prepared(
+    prep: Prepared,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    allow_nonfinite: bool = False,
+    scales: dict[str, float] | None = None,
+) -> None:
+    """Check ``tensors`` strictly against ``prep``'s adapters, then copy them in (model untouched).
+
+    ``scales`` (site -> scale, from the file's JSON) replaces each site's configured scale; files
+    without it (lorafx format 1, PEFT) keep the scales the spec defines."""
     modules = prep.state_modules()
     check_state(_state(modules), tensors, source)
+    adapters = {k: m for k, m in modules.items() if isinstance(m, Adapter)}
+    if scales is not None:
+        _check_scales(scales, adapters, source)
+    if not allow_nonfinite:
+        check_finite(tensors, source)
     for prefix, module in modules.items():
         sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         own = module.state_dict()
-        module.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
+        module.load_state_dict({k: sd[k].to(own[k].dtype) if k in sd else v for k, v in own.items()}, strict=True)
+    for prefix, value in (scales or {}).items():
+        adapters[prefix].scale = value
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
+def _check_scales(scales: object, adapters: dict[str, Adapter], source: str) -> None:
+    if not isinstance(scales, dict) or set(scales) != set(adapters):
+        keys = sorted(scales) if isinstance(scales, dict) else scales
+        raise AdapterFileError(
+            f"{source}: 'scales' must map every site {sorted(adapters)[:4]} ... to a number, got {keys!r}"
+        )
+    bad = {
+        k: v
+        for k, v in scales.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    }
+    if bad:
+        raise AdapterFileError(f"{source}: 'scales' must be finite numbers, got {bad!r}")
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    activate: bool = True,
+    *,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
     """Apply the adapter saved in ``directory`` to ``model`` and load its weights; returns the model.
 
-    Strict: a file whose keys, shapes or dtypes do not fit what its spec builds on this model is an
-    :class:`AdapterFileError` naming them, and the model is left unchanged.
+    Strict: a file whose keys, shapes or dtypes do not fit what its spec builds on this model, or that
+    holds NaN/Inf (unless ``allow_nonfinite``), is an :class:`AdapterFileError` naming them, and the
+    model is left unchanged.
     """
     meta, tensors = read_adapter_dir(directory)
     try:
@@ -173,5 +288,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
             f"{directory}: adapter was saved for a different base model; sites differ: "
             + ", ".join(f"{k} (file {base.get(k)}, model {mine.get(k)})" for k in diff[:6])
         )
-    load_prepared(prep, tensors, str(Path(directory) / WEIGHTS))
+    source = str(Path(directory).expanduser() / WEIGHTS)
+    scales = meta.get("scales") if meta["format_version"] >= 2 else None
+    load_prepared(prep, tensors, source, allow_nonfinite, scales)
     return commit(prep, activate)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, insert_adapters, site_key
 from lorafx.plan import Plan, plan
 from lorafx.spec import Spec
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _build_adapters(p: Plan) -> dict[str, Adapter]:
@@ -88,9 +85,8 @@ class Prepared:
 
 
 def check_name(model: nn.Module, name: str) -> None:
-    """An adapter name must be an identifier not yet used on ``model``."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(f"adapter name must be a Python identifier, got {name!r}")
+    """An adapter name must pass :func:`lorafx.state.check_name` and not be used on ``model`` yet."""
+    state.check_name(name)
     existing = state.find(model)
     if existing is not None and name in existing.specs:
         raise SpecError(f"adapter {name!r} already exists on this model; delete_adapter() it or choose another name")
@@ -160,13 +156,14 @@ def commit(prep: Prepared, activate: bool = True) -> nn.Module:
     """Step 3 of :func:`apply`: swap the rewritten regions in. Nothing here fails on user input, and
     if anything fails anyway (out of memory, an interrupt, a bug) every change made so far is undone,
     so the model is left exactly as it was."""
-    undo = [_restorer(prep.model)]
-    try:
-        return _commit(prep, activate, undo)
-    except BaseException:
-        for fn in reversed(undo):
-            fn()
-        raise
+    with state.model_lock(prep.model):
+        undo = [_restorer(prep.model)]
+        try:
+            return _commit(prep, activate, undo)
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
 
 
 def _restorer(model: nn.Module) -> Callable[[], None]:

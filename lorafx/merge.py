@@ -46,6 +46,25 @@ def mergeable_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteA
     return name, sites
 
 
+def _merged_weight(sa: SiteAdapters, name: str, w: torch.Tensor) -> torch.Tensor:
+    """``round(W + ΔW)`` for site ``sa``, refused if it would put NaN or Inf where W is finite: a NaN
+    in the adapter, or a sum beyond the base dtype's range (fp16 tops out at 65504), would be folded
+    into the base weights for good (unmerge cannot subtract it)."""
+    delta = _delta(sa, name).to(w.device)
+    total = _acc(w) + delta
+    new = total.to(w.dtype)
+    broken = ~torch.isfinite(new) & torch.isfinite(w)
+    if bool(broken.any()):
+        n, why = int(broken.sum()), "NaN/Inf in the adapter"
+        if bool(torch.isfinite(delta).all()):
+            why = f"W + ΔW beyond the range of {str(w.dtype).removeprefix('torch.')} (max |W + ΔW| {float(total.abs().max()):.4g})"
+        raise NotMergeableError(
+            f"adapter {name!r} cannot be merged at site {sa.site!r}: the merged weight would hold {n} "
+            f"non-finite values of {w.numel()} ({why}); the model is unchanged"
+        )
+    return new
+
+
 @torch.no_grad()
 def merge(model: nn.Module, keep_original: bool = False) -> None:
     """Fold the active adapter into the base weights of every site that has it.
@@ -65,8 +84,9 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
     try:
         for sa in sites:
             w = _weight(model, sa)
+            new = _merged_weight(sa, name, w)
             originals.append((sa, w.detach().clone()))
-            w.copy_((_acc(w) + _delta(sa, name).to(w.device)).to(w.dtype))
+            w.copy_(new)
     except BaseException:
         for sa, orig in originals:
             _weight(model, sa).copy_(orig)

@@ -11,7 +11,9 @@ than dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from lorafx import state
 from lorafx.adapter_files import load_prepared, read_safetensors
 from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
+from lorafx.files import resolve_dir, write_together
 from lorafx.plan import linear_sites, select
 from lorafx.spec import Spec
 from lorafx.variants.lora import LoRA
@@ -52,12 +55,18 @@ def _peft_pattern(patterns: dict, fqn: str):
 
 def read_peft_config(directory: Path) -> dict:
     path = directory / PEFT_CONFIG
+    if path.is_dir():
+        raise AdapterFileError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file (a PEFT adapter directory holds {PEFT_CONFIG})")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path}: a PEFT config is a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA; only plain LoRA converts")
     for key, neutral in _UNSUPPORTED.items():
@@ -92,13 +101,20 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
     return Spec(base, targets=targets, exclude=exclude, overrides=overrides)
 
 
-def from_peft(model: nn.Module, directory: str | Path, name: str = "default", activate: bool = True) -> nn.Module:
+def from_peft(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    activate: bool = True,
+    *,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
     """Apply a PEFT LoRA checkpoint directory to ``model`` (strictly) and return the model.
 
     Example:
         >>> model = lorafx.from_peft(AutoModelForCausalLM.from_config(cfg), "peft-run/checkpoint-100")
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     cfg = read_peft_config(directory)
     spec = spec_from_peft_config(model, cfg)
     weights = directory / PEFT_WEIGHTS
@@ -113,8 +129,17 @@ def from_peft(model: nn.Module, directory: str | Path, name: str = "default", ac
         m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
         tensors[f"{m.group(1)}.{m.group(2)}" if m else key] = t
     prep = prepare(model, spec, name)
-    load_prepared(prep, tensors, str(weights))
+    load_prepared(prep, tensors, str(weights), allow_nonfinite)
     return commit(prep, activate)
+
+
+def _with_current_scale(adapter) -> LoRA:
+    """The adapter's config with ``alpha`` such that PEFT's scale equals the adapter's current one
+    (``lorafx.set_scale`` changes the scale, and PEFT files hold alpha, not the scale)."""
+    cfg = adapter.config
+    if adapter._scale_value == cfg.scale:
+        return cfg
+    return dataclasses.replace(cfg, alpha=adapter._scale_value * (math.sqrt(cfg.r) if cfg.rslora else cfg.r))
 
 
 def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
@@ -130,7 +155,7 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
     bad = sorted(f for f, sa in sites.items() if type(sa.adapters[name].config) is not LoRA)
     if bad:
         raise SpecError(f"to_peft converts plain LoRA only; adapter {name!r} has other variants at {bad[:5]}")
-    configs = {f: sa.adapters[name].config for f, sa in sites.items()}
+    configs = {f: _with_current_scale(sa.adapters[name]) for f, sa in sites.items()}
     base = data.specs[name].config
     if not isinstance(base, LoRA):
         base = next(iter(configs.values()))
@@ -162,8 +187,14 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         "modules_to_save": None,
         "use_dora": False,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    directory = resolve_dir(directory, AdapterFileError, create=True)
+    write_together(
+        directory,
+        {
+            PEFT_WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            PEFT_CONFIG: lambda p: p.write_text(json.dumps(config, indent=2)),
+        },
+        AdapterFileError,
+        last=PEFT_CONFIG,
+    )
     return directory

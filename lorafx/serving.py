@@ -3,15 +3,15 @@
 The active adapter is per-model state (:func:`lorafx.set_adapter`), so two threads that switch the
 same model to different adapters would see each other's choice. ``using_adapter`` holds a per-model
 re-entrant lock for the switch *and* the forward, so requests are served one at a time, each with its
-own adapter, and the previously active adapter is restored afterwards. Threads that all use the
+own adapter, and the previously active adapter is restored afterwards. ``set_adapter``, ``set_scale``,
+``delete_adapter`` and ``apply`` take the same lock, so a change from another thread waits for the
+request in flight. Threads that all use the
 active adapter can call the model concurrently without it. (One batch with a different adapter per
 row needs the multi-adapter path: the ONNX multi-adapter graph.)
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,17 +19,6 @@ from torch import nn
 
 from lorafx import state
 from lorafx.state import set_adapter
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _lock(model: nn.Module) -> threading.RLock:
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
 
 
 @contextmanager
@@ -44,10 +33,12 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         >>> with lorafx.using_adapter(model, "customer_17"), torch.no_grad():
         ...     logits = model(input_ids).logits
     """
-    with _lock(model):
+    with state.model_lock(model):
         previous = state.get(model).active
         set_adapter(model, name)  # validates the name before changing anything
         try:
             yield model
         finally:
-            set_adapter(model, previous)
+            # The block may have deleted the previous adapter (a held lock keeps other threads out,
+            # but not this one): then the model ends with adapters off, as delete_adapter leaves it.
+            set_adapter(model, previous if previous in state.get(model).specs else None)

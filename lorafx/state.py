@@ -11,7 +11,10 @@ writer. Per-site state (the adapters themselves, the active slot, merged flags) 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -59,6 +62,46 @@ def require(model: nn.Module, name: str) -> AdapterState:
     if name not in data.specs:
         raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
     return data
+
+
+# ---- names and locks ----------------------------------------------------------------------------
+
+_PROBE = nn.ModuleDict()  # adapters live in ModuleDicts keyed by name: a name must not be one of its attributes
+
+
+def check_name(name: object) -> str:
+    """The one rule for adapter names: a Python identifier that is not an attribute of the module
+    containers adapters live in (``training``, ``forward``, ``to``, ``cuda``, ``_modules`` ...)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(f"adapter name must be a Python identifier, got {name!r}")
+    if hasattr(_PROBE, name):
+        raise SpecError(f"adapter name {name!r} is an attribute of torch.nn.Module; choose another name")
+    return name
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The per-model re-entrant lock that every change of adapter state takes (``apply``,
+    ``set_adapter``, ``set_scale``, ``delete_adapter``) and that ``using_adapter`` holds for a request."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+def locked(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` holding :func:`model_lock` of ``model``."""
+
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args, **kwargs):
+        with model_lock(model):
+            return fn(model, *args, **kwargs)
+
+    return run
 
 
 # ---- shared-module keys ---------------------------------------------------------------------------
@@ -114,6 +157,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 # ---- the user-facing operations ------------------------------------------------------------------
 
 
+@locked
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the active adapter at every site (sites without it run the base weight only).
 
@@ -138,6 +182,7 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     data.active = name
 
 
+@locked
 def set_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
     """Set the scale ``s`` of adapter ``name`` (default: the active one) at every site, in place.
 
@@ -163,6 +208,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(get(model).specs)
 
 
+@locked
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters (the rewritten graphs stay; sites fall back to base)."""
     data = require(model, name)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorafx import state
-from lorafx.errors import SpecError
+from lorafx.errors import NotMergeableError, SpecError
 from lorafx.merge import merge, mergeable_sites, unmerge
 
 
@@ -68,6 +68,13 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
             merged = _run(model, inputs)
         finally:
             unmerge(model)
+    for what, out in (("unmerged", unmerged), ("merged", merged)):
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            raise NotMergeableError(
+                f"verify_merge: the {what} model's output holds {bad} non-finite values of {out.numel()} "
+                f"(adapter {name!r}); a merge check on non-finite outputs proves nothing"
+            )
     diff = (merged - unmerged).abs()
     weight = model.get_submodule(sites[0].site).weight
     return {

@@ -172,7 +172,10 @@ def _from_lorafx_dir(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
     with torch.no_grad():
         for prefix, module in modules.items():
             own = module.state_dict()
-            module.load_state_dict({k: state[f"{prefix}.{k}"].to(own[k].dtype) for k in own}, strict=True)
+            module.load_state_dict(
+                {k: state[f"{prefix}.{k}"].to(v.dtype) if f"{prefix}.{k}" in state else v for k, v in own.items()},
+                strict=True,
+            )
     out = {}
     for fqn, a in adapters.items():
         a.eval()
