@@ -16,6 +16,7 @@ train and eval mode (``F.dropout(..., training=self.training)`` would be baked o
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -56,10 +57,23 @@ def _simple_signature(module: nn.Module) -> bool:
     return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 
+# torch.fx's tracer patches ``nn.Module.__call__`` process-wide while it traces, so two traces in
+# two threads (two ``apply`` calls, a ``load_adapter`` beside an ``apply``) corrupt each other
+# ("module is not installed as a submodule"). One lock serialises lorafx's traces; a *forward* in
+# another thread during a trace is still intercepted, which is why ``apply`` and ``load_adapter``
+# take the model's lock (lorafx.state.model_lock) and serving threads hold it for their forwards.
+_TRACE_LOCK = threading.Lock()
+
+
 def _trace(module: nn.Module) -> fx.GraphModule | None:
     """Trace ``module`` if it traces to the same graph in train and eval mode, else None."""
     if not _simple_signature(module):
         return None
+    with _TRACE_LOCK:
+        return _trace_locked(module)
+
+
+def _trace_locked(module: nn.Module) -> fx.GraphModule | None:
     was_training = module.training
     codes, graphs = [], []
     try:
