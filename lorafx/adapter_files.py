@@ -278,17 +278,18 @@ def load_adapter(
         spec = Spec.from_dict(meta["spec"])
     except (KeyError, SpecError) as e:
         raise AdapterFileError(f"{Path(directory) / CONFIG}: bad spec ({e})") from None
-    name = name or meta.get("name", "default")
-    prep = prepare(model, spec, name)
-    base = meta.get("base", {}).get("sites", {})
-    mine = fingerprint(model, list(prep.adapters))
-    diff = sorted(k for k in set(base) | set(mine) if base.get(k) != mine.get(k))
-    if diff:
-        raise AdapterFileError(
-            f"{directory}: adapter was saved for a different base model; sites differ: "
-            + ", ".join(f"{k} (file {base.get(k)}, model {mine.get(k)})" for k in diff[:6])
-        )
-    source = str(Path(directory).expanduser() / WEIGHTS)
-    scales = meta.get("scales") if meta["format_version"] >= 2 else None
-    load_prepared(prep, tensors, source, allow_nonfinite, scales)
-    return commit(prep, activate)
+    with state.model_lock(model):  # see lorafx.regions: traces and requests in flight
+        name = name or meta.get("name", "default")
+        prep = prepare(model, spec, name)
+        base = meta.get("base", {}).get("sites", {})
+        mine = fingerprint(model, list(prep.adapters))
+        diff = sorted(k for k in set(base) | set(mine) if base.get(k) != mine.get(k))
+        if diff:
+            raise AdapterFileError(
+                f"{directory}: adapter was saved for a different base model; sites differ: "
+                + ", ".join(f"{k} (file {base.get(k)}, model {mine.get(k)})" for k in diff[:6])
+            )
+        source = str(Path(directory).expanduser() / WEIGHTS)
+        scales = meta.get("scales") if meta["format_version"] >= 2 else None
+        load_prepared(prep, tensors, source, allow_nonfinite, scales)
+        return commit(prep, activate)

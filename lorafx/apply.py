@@ -232,4 +232,5 @@ def apply(model: nn.Module, spec: Spec, name: str = "default", activate: bool = 
     Example:
         >>> model = lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=8), targets=["q_proj", "v_proj"]))
     """
-    return commit(prepare(model, spec, name), activate)
+    with state.model_lock(model):  # a request in flight (using_adapter) finishes before the trace
+        return commit(prepare(model, spec, name), activate)

@@ -128,9 +128,10 @@ def from_peft(
     for key, t in raw.items():
         m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
         tensors[f"{m.group(1)}.{m.group(2)}" if m else key] = t
-    prep = prepare(model, spec, name)
-    load_prepared(prep, tensors, str(weights), allow_nonfinite)
-    return commit(prep, activate)
+    with state.model_lock(model):  # see lorafx.regions: traces and requests in flight
+        prep = prepare(model, spec, name)
+        load_prepared(prep, tensors, str(weights), allow_nonfinite)
+        return commit(prep, activate)
 
 
 def _with_current_scale(adapter) -> LoRA:

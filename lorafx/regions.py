@@ -59,9 +59,10 @@ def _simple_signature(module: nn.Module) -> bool:
 
 # torch.fx's tracer patches ``nn.Module.__call__`` process-wide while it traces, so two traces in
 # two threads (two ``apply`` calls, a ``load_adapter`` beside an ``apply``) corrupt each other
-# ("module is not installed as a submodule"). One lock serialises lorafx's traces; a *forward* in
-# another thread during a trace is still intercepted, which is why ``apply`` and ``load_adapter``
-# take the model's lock (lorafx.state.model_lock) and serving threads hold it for their forwards.
+# ("module is not installed as a submodule"). One lock serialises lorafx's traces. A *forward* of
+# the same model in another thread waits too: ``apply`` holds the model's lock
+# (lorafx.state.model_lock), as ``using_adapter`` does for a request. A forward of an unrelated
+# model in another thread during a trace is not protected (torch.fx's limitation, not lorafx's).
 _TRACE_LOCK = threading.Lock()
 
 
