@@ -46,11 +46,13 @@ class Adapter(nn.Module):
             self.scale_t.fill_(self._scale_value)
 
     def _apply(self, fn, recurse=True):
-        # .half()/.to(bf16) would round the scale too (16/12 -> 1.3359 in bf16): keep it fp32, or fp64
-        # for an fp64 model, refilled from the exact Python value (fp32 16/√7 is off by 1.5e-6 relative).
+        # The exact Python value is the truth; the tensor is refilled from it after every move:
+        # .half()/.to(bf16) would round the scale too (16/12 -> 1.3359 in bf16), so it stays fp32, or
+        # fp64 for an fp64 model (fp32 16/√7 is off by 1.5e-6 relative); and to_empty() after building
+        # on the meta device leaves garbage in every buffer (5.8e-37 seen for 2.0).
         out = super()._apply(fn, recurse)
         dtype = torch.float64 if self.scale_t.dtype == torch.float64 else torch.float32
-        if self.scale_t.dtype != dtype or dtype == torch.float64:
+        if self.scale_t.device.type != "meta":
             self.scale_t = torch.full((), self._scale_value, dtype=dtype, device=self.scale_t.device)
         return out
 

@@ -141,12 +141,13 @@ def test_compile_takes_the_celora_svd_that_apply_skipped():
     assert all(not sa.adapters["default"].needs_attach for sa in lorafx.iter_sites(model).values())
 
 
-def test_scale_is_a_buffer_outside_state_dict():
+def test_scale_is_a_tensor_buffer_in_state_dict():
     model = _adapted(CONFIGS["lora"], names=("a",))
     sa = next(iter(lorafx.iter_sites(model).values()))
     adapter = sa.adapters["a"]
     assert isinstance(adapter.scale, torch.Tensor) and float(adapter.scale) == CONFIGS["lora"].scale
-    assert not any("scale" in k for k in model.state_dict())
+    # issue 13: the scale is state (set_scale survives state_dict round trips), one fp32 scalar per adapter
+    assert sum(k.endswith(".scale_t") for k in model.state_dict()) == len(lorafx.iter_sites(model))
     adapter.to(torch.bfloat16)
     assert adapter.scale.dtype == torch.float32  # not rounded to bf16
 

@@ -261,3 +261,19 @@ def test_state_changes_wait_for_a_request_in_flight():
     t.join()
     assert seen == ["other"]
     assert lorafx.active_adapter(model) is None
+
+
+def test_meta_device_then_to_empty_keeps_the_scale():
+    """Built on the meta device, materialised with to_empty and loaded: the scale is the config's
+    (to_empty leaves garbage in buffers), and the output equals the model built on CPU."""
+    spec = lorafx.Spec(lorafx.LoRA(r=4, alpha=8, init="random"), targets=["up", "mid"])
+    torch.manual_seed(0)
+    ref = lorafx.apply(TinyMLP(8, 8, 4), spec)
+    with torch.device("meta"):
+        meta = lorafx.apply(TinyMLP(8, 8, 4), spec)
+    meta = meta.to_empty(device="cpu")
+    meta.load_state_dict(ref.state_dict(), strict=True)
+    for sa in lorafx.iter_sites(meta).values():
+        assert float(sa.adapters["default"].scale) == 8 / 4
+    x = torch.randn(3, 8)
+    assert torch.equal(meta(x), ref(x))
