@@ -26,6 +26,7 @@ from lorafx.state import (
 )
 from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 from lorafx.verify import verify_merge
+from lorafx.weights import untie
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,7 @@ __all__ = [
     "step",
     "to_peft",
     "unmerge",
+    "untie",
     "using_adapter",
     "variant_names",
     "verify_merge",

@@ -22,7 +22,7 @@ from torch import nn
 from lorafx import state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
-from lorafx.passes.insert_adapters import CONTAINER, insert_adapters, site_key
+from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
 from lorafx.plan import Plan, plan
 from lorafx.spec import Spec
 
@@ -30,6 +30,8 @@ from lorafx.spec import Spec
 def _build_adapters(p: Plan) -> dict[str, Adapter]:
     adapters = {}
     for fqn, site in p.selected.items():
+        if site.tied_to:  # shares the adapter of the weight's first holder
+            continue
         try:
             adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
         except ValueError as e:
@@ -97,22 +99,29 @@ def build(p: Plan) -> Prepared:
     adapters = _build_adapters(p)
     shared = _finalize(adapters, p.name)
     new_regions, additions = [], []
+    made = dict(state.iter_sites(p.model))  # leader FQN -> SiteAdapters, for weights with several users
     for region in p.regions:
         have = getattr(region.module, CONTAINER, {}) if region.rewritten else {}
         fresh = {}
         for local in region.sites:
             fqn = f"{region.fqn}.{local}".strip(".") if local else region.fqn
+            leader = p.sites[fqn].tied_to or fqn
             key = site_key(local)
             if key in have:
-                additions.append((have[key], adapters[fqn]))
+                if leader == fqn:
+                    additions.append((have[key], adapters[fqn]))
+            elif leader != fqn and leader in made and p.name in made[leader].adapters:
+                fresh[local] = made[leader]
             else:
-                a, site = adapters[fqn], p.sites[fqn]
-                sa = SiteAdapters(fqn, a.in_features, a.out_features, site.fan_in_fan_out)
+                a, site = adapters[leader], p.sites[fqn]
+                sa = SiteAdapters(leader, a.in_features, a.out_features, site.fan_in_fan_out)
                 sa.train(a.training)
                 sa.adapters[p.name] = a
-                fresh[local] = sa
+                fresh[local] = made[leader] = sa
         if fresh:
-            new_regions.append((region.fqn, insert_adapters(region.graph_module, fresh, region.fqn).graph_module))
+            gm = insert_adapters(region.graph_module, fresh, region.fqn).graph_module
+            carry_hooks(region.module, gm)  # the traced copy has none; the user's module may
+            new_regions.append((region.fqn, gm))
     return Prepared(p, adapters, shared, new_regions, additions)
 
 
@@ -209,10 +218,24 @@ def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
         if not hasattr(root, state.SHARED):
             root.add_module(state.SHARED, nn.ModuleDict())
         getattr(root, state.SHARED).update(prep.shared)
+    for layer in sorted({s.slow_path for s in prep.plan.selected.values() if s.slow_path is not None}):
+        _turn_off_fast_path(root.get_submodule(layer), undo)
     for p in root.parameters():
         p.requires_grad_(False)
     state.set_adapter(root, name if activate or data.active is None else data.active)
     return root
+
+
+def _slow_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence turns off the eval fast path of
+    ``nn.TransformerEncoderLayer``, which reads the adapted linears' weights without calling them."""
+
+
+def _turn_off_fast_path(layer: nn.Module, undo: list) -> None:
+    if any(hook is _slow_path for hook in layer._forward_pre_hooks.values()):
+        return
+    handle = layer.register_forward_pre_hook(_slow_path)
+    undo.append(handle.remove)
 
 
 def apply(model: nn.Module, spec: Spec, name: str = "default", activate: bool = True) -> nn.Module:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorafx import site_rules
 from lorafx.adapter import SiteAdapters
 from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
@@ -42,6 +43,9 @@ class Site:
     rule: str | None = None  # the spec rule that selects it, e.g. "target 'q_proj'"
     config: AdapterConfig | None = None
     override: str | None = None  # override pattern that chose the config
+    refused: str | None = None  # why lorafx cannot adapt this site (never offered by "all-linear")
+    tied_to: str | None = None  # the selected site whose adapter this one shares (one weight, two users)
+    slow_path: str | None = None  # FQN of a TransformerEncoderLayer whose fast path must be turned off
 
     @property
     def selected(self) -> bool:
@@ -67,6 +71,11 @@ class Plan:
     def selected(self) -> dict[str, Site]:
         """The selected sites, in model order."""
         return {fqn: s for fqn, s in self.sites.items() if s.selected}
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Site FQN -> why it cannot be adapted, for every such linear module of the model."""
+        return {fqn: s.refused for fqn, s in self.sites.items() if s.refused}
 
 
 def leaf_region_adapters(module: nn.Module) -> SiteAdapters | None:
@@ -103,13 +112,22 @@ def output_head(model: nn.Module) -> str | None:
 
 
 def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
-    """Mark the sites ``spec`` selects (rule, config, override), in place. Raises :class:`SpecError`
-    naming the target entries or overrides that match nothing."""
+    """Mark the sites ``spec`` selects (rule, config, override), in place, applying the site rules of
+    :mod:`lorafx.site_rules`. Raises :class:`SpecError` naming the target entries or overrides that
+    match nothing, and the sites a target names that cannot be adapted (with the reason)."""
     head = output_head(model)
     for fqn, site in sites.items():
         site.rule = spec.match(fqn, is_output_head=fqn == head)
         if site.rule is not None:
             site.config, site.override = spec.config_for(fqn)
+    site_rules.apply_rules(model, sites)
+    named = {fqn: s.refused for fqn, s in sites.items() if s.selected and s.refused and s.rule != "all-linear"}
+    if named:
+        listed = "; ".join(f"{fqn!r}: {why}" for fqn, why in list(named.items())[:4])
+        raise SpecError(f"spec selects site(s) lorafx cannot adapt: {listed}{' ...' if len(named) > 4 else ''}")
+    for site in sites.values():
+        if site.refused:  # "all-linear" offers only sites that can be adapted
+            site.rule = site.config = site.override = None
     chosen = [fqn for fqn, s in sites.items() if s.selected]
     names = list(sites)
     if not chosen:

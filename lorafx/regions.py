@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lorafx.passes.find_sites import find_sites, is_linear_module
-from lorafx.passes.insert_adapters import CONTAINER
+from lorafx.passes.insert_adapters import CONTAINER, has_hooks
 
 
 @dataclass
@@ -129,7 +129,11 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
             if prefix in pending:
                 regions.append(Region(prefix, module, _leaf_graph(module), [""]))
             return
-        gm = _trace(module)
+        # A submodule with hooks would lose them inside a region (traced through, or its call
+        # rewritten): such a module is not a region, its children are tried (the hooked module itself
+        # becomes a region that carries its hooks over).
+        hooked = any(has_hooks(m) for m in list(module.modules())[1:])
+        gm = None if hooked else _trace(module)
         if gm is not None and set(wanted) <= {s.fqn for s in find_sites(gm)}:
             regions.append(Region(prefix, module, gm, wanted))
             return

@@ -53,6 +53,8 @@ class SiteRow:
     mergeable: bool | None = None
     fusable: bool | None = None
     gated: bool | None = None
+    refused: str | None = None  # why lorafx cannot adapt this site ("all-linear" skips it)
+    tied_to: str | None = None  # the site whose adapter this one shares (one weight, several users)
 
     @property
     def matched(self) -> bool:
@@ -192,9 +194,12 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
     rows = []
     for fqn, site in plan.sites.items():
         row = SiteRow(fqn, site.module_type, site.form, site.in_features, site.out_features, site.region)
+        row.refused, row.tied_to = site.refused, site.tied_to
         if site.selected:
             row.rule, row.override = site.rule, site.override
-            _describe_adapter(row, prep.adapters[fqn], site.weight)
+            _describe_adapter(row, prep.adapters[site.tied_to or fqn], site.weight)
+            if site.tied_to is not None:  # runs its leader's adapter (FLOPs); params counted once, there
+                row.params = row.bytes = 0
         rows.append(row)
     regions = []
     for region in plan.regions:

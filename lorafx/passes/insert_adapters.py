@@ -29,6 +29,34 @@ def site_key(local_fqn: str) -> str:
     return local_fqn.replace(".", "__") if local_fqn else "self"
 
 
+# Forward and backward hooks of a module lorafx replaces by a rewritten GraphModule. The dicts are
+# carried over as the same objects, so the user's RemovableHandles still remove them and they fire in
+# the same order, now around the adapted computation.
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when ``module`` has any forward or backward hook of its own."""
+    return any(getattr(module, d, None) for d in HOOK_DICTS)
+
+
+def carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the hooks of ``source`` (the same dicts; see :data:`HOOK_DICTS`)."""
+    for d in HOOK_DICTS:
+        if hasattr(source, d):
+            setattr(target, d, getattr(source, d))
+    if hasattr(source, "_is_full_backward_hook"):
+        target._is_full_backward_hook = source._is_full_backward_hook
+
+
 def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     """A new GraphModule over a copy of ``graph`` that shares ``gm``'s submodules and parameters."""
     new_graph = fx.Graph()
@@ -38,6 +66,7 @@ def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_nam
     # A fresh module is in training mode: the copy takes the original's flag, for itself only (its
     # children are the original's own modules, shared, and keep theirs).
     new.training = gm.training
+    carry_hooks(gm, new)
     return new
 
 
@@ -58,7 +87,7 @@ def _operands(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node, f
 
 
 def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefix: str = "") -> PassResult:
-    """Return a new GraphModule in which every site named in ``sites`` calls ``lora_linear``.
+    """Return a new GraphModule in which every call of every site named in ``sites`` calls ``lora_linear``.
 
     Args:
         gm: the traced region; it is not modified (the result shares its weights).
@@ -67,7 +96,9 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
     """
     new = copy_graph_module(gm, gm.graph, class_name=type(gm).__name__)
     container = nn.ModuleDict(dict(getattr(gm, CONTAINER, {}) or {}))
-    found = {s.fqn: s for s in find_sites(new)}
+    found: dict[str, list[LinearSite]] = {}
+    for s in find_sites(new):  # a module (or weight) used twice in the region is two call sites
+        found.setdefault(s.fqn, []).append(s)
     missing = sorted(set(sites) - set(found))
     if missing:
         raise TraceError(
@@ -77,14 +108,15 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
         container[site_key(local)] = adapters
     new.add_submodule(CONTAINER, container)
     for local in sites:
-        site, key = found[local], site_key(local)
-        with new.graph.inserting_before(site.node):
-            x, w, b = _operands(new, site)
-            low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
-            y = new.graph.call_function(lora_linear, (x, w, b, low))
-        y.meta.update(site.node.meta)
-        site.node.replace_all_uses_with(y)
-        new.graph.erase_node(site.node)
+        key = site_key(local)
+        for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
+            with new.graph.inserting_before(site.node):
+                x, w, b = _operands(new, site)
+                low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                y = new.graph.call_function(lora_linear, (x, w, b, low))
+            y.meta.update(site.node.meta)
+            site.node.replace_all_uses_with(y)
+            new.graph.erase_node(site.node)
     new.graph.lint()
     new.recompile()
     return PassResult(new, bool(sites))

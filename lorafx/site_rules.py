@@ -1,0 +1,99 @@
+"""The site rule: every use of a weight is adapted correctly, or the site is refused by name.
+
+A linear module is a *candidate*; whether lorafx can adapt it depends on how the model uses its
+weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
+
+* **Module behaviour.** An ``nn.Linear`` subclass with its own ``forward`` (a scaled linear, a QAT
+  fake-quant linear, bitsandbytes' ``Linear4bit``) would lose it when its call becomes
+  ``F.linear(x, W, b) + adapter``: refused. A parametrized weight (``weight_norm``, ``spectral_norm``,
+  ``orthogonal``) is computed on every read, so merge could not write into it: refused, with the fix.
+  A weight that is not a registered Parameter (old-style hook ``weight_norm``): refused.
+* **Weights read without a call.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to
+  ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there would never run.
+  Refused. ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
+  directly: those sites are adapted and the layer's fast path is turned off (``slow_path``: the
+  commit registers a no-op forward pre-hook, one of the conditions PyTorch documents for leaving it).
+* **Shared weights** (found by storage, :mod:`lorafx.weights`). When every holder of a weight is a
+  selected linear site with the same config, they share one adapter (``tied_to``): every use
+  computes ``W + ΔW`` and merge writes ΔW once. Otherwise (tied embeddings, a holder the spec does
+  not select) the site is refused with the fix: select every holder, or ``lorafx.untie`` first.
+
+"all-linear" silently skips refused sites (``lorafx inspect`` lists them with the reason); a target
+that names one is a :class:`~lorafx.errors.SpecError` with the reason.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lorafx.regions import is_region
+from lorafx.weights import other_users, weight_users
+
+# Modules whose own forward reads a child linear's weight without calling the child.
+_DIRECT_READERS = (nn.MultiheadAttention,)
+# Modules with an eval fast path that reads child linear weights directly; any forward pre-hook on
+# the module turns the fast path off (PyTorch checks `_forward_pre_hooks` of every submodule).
+_FAST_PATH_LAYERS = (nn.TransformerEncoderLayer,)
+
+
+def _behaviour_refusal(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        return (
+            f"{type(module).__name__} has its own forward (an nn.Linear subclass); lorafx would replace it "
+            "by F.linear and lose what it does"
+        )
+    if parametrize.is_parametrized(module, "weight"):
+        return (
+            "its weight is parametrized (weight_norm/spectral_norm/orthogonal), so merge could not write it; "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') first"
+        )
+    if "weight" not in module._parameters:
+        return "its weight is not a registered Parameter (an old-style weight_norm hook computes it)"
+    return None
+
+
+def _parent(fqn: str, modules: dict[str, nn.Module]) -> tuple[str, nn.Module | None]:
+    name = fqn.rpartition(".")[0]
+    return name, modules.get(name)
+
+
+def apply_rules(model: nn.Module, sites: dict) -> None:
+    """Set ``refused``, ``tied_to`` and ``slow_path`` on every :class:`~lorafx.plan.Site` in place."""
+    modules = dict(model.named_modules())
+    for fqn, site in sites.items():
+        if is_region(site.module):
+            continue  # a lorafx region: its rules were applied when it was made
+        site.refused = _behaviour_refusal(site.module)
+        parent_fqn, parent = _parent(fqn, modules)
+        if site.refused is None and isinstance(parent, _DIRECT_READERS):
+            site.refused = (
+                f"{type(parent).__name__} {parent_fqn!r} reads this weight directly (F.multi_head_attention_forward) "
+                "and never calls the module, so an adapter here would never run"
+            )
+        if isinstance(parent, _FAST_PATH_LAYERS):
+            site.slow_path = parent_fqn
+    _share_or_refuse(model, sites)
+
+
+def _share_or_refuse(model: nn.Module, sites: dict) -> None:
+    users = weight_users(model)
+    for fqn, site in sites.items():
+        if not site.selected or site.refused or site.tied_to:
+            continue
+        others = other_users(users, site.weight, f"{fqn}.weight")
+        if not others:
+            continue
+        holders = [u.rpartition(".")[0] for u in others]
+        partners = [h for h in holders if h in sites and sites[h].selected and not sites[h].refused]
+        missing = [u for u, h in zip(others, holders, strict=True) if h not in partners or not u.endswith(".weight")]
+        differ = [h for h in partners if sites[h].config != site.config]
+        if missing or differ:
+            fix = f"select {missing} too" if missing else f"give {differ} the same config"
+            site.refused = (
+                f"its weight is shared with {others} (tied); adapting one use would change the others at merge. "
+                f"Adapt every use ({fix}) or give this site its own copy: lorafx.untie(model, [{fqn!r}])"
+            )
+            continue
+        for h in partners:  # one adapter for every use of the weight, named after the first holder
+            sites[h].tied_to = fqn
