@@ -19,12 +19,13 @@ the base model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx
 
 # ---- site implementations ------------------------------------------------------------------------
 # A rewritten site is one ``call_function`` node ``impl(x, W, b, low)``. Every function that may stand
@@ -38,10 +39,19 @@ def site_implementation(name: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn(x, weight, bias, low)`` as the site implementation called ``name``."""
 
     def register(fn: Callable) -> Callable:
-        if SITE_IMPLEMENTATIONS.get(name, fn) is not fn:
+        if name in SITE_IMPLEMENTATIONS:
             raise ValueError(f"site implementation {name!r} is registered twice")
-        SITE_IMPLEMENTATIONS[name] = fn
-        return fn
+
+        @functools.wraps(fn)
+        def site(x, weight, bias, low, *rest, **kwargs):
+            # Symbolic tracing (re-tracing a rewritten region, as unpickling a GraphModule does)
+            # records the site as one node instead of tracing into its `low is None` branch.
+            if isinstance(x, fx.Proxy):
+                return x.tracer.create_proxy("call_function", site, (x, weight, bias, low, *rest), kwargs)
+            return fn(x, weight, bias, low, *rest, **kwargs)
+
+        SITE_IMPLEMENTATIONS[name] = site
+        return site
 
     return register
 
