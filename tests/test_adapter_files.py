@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lorafx
 from lorafx.adapter_files import CONFIG, WEIGHTS
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 SPEC = lorafx.Spec(
     lorafx.LoRA(r=4, alpha=8, init="random"), targets=["q_proj", "up_proj"], overrides={"up_proj": {"r": 2}}

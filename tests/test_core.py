@@ -11,7 +11,7 @@ from tolerances import assert_close
 from torch import fx, nn
 
 import lorafx
-from lorafx.models import TinyMLP, tiny_llama
+from lorafx.cli.models import TinyMLP, tiny_llama
 from lorafx.passes import find_sites
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

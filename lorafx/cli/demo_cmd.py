@@ -2,7 +2,7 @@
 
 Each variant's adapter is trained for the same number of steps to imitate a teacher (the base model
 plus a hidden low-rank change); the table shows the loss cut, trainable parameters and whether the
-merged model gives the unmerged outputs. See :mod:`lorafx.demo`.
+merged model gives the unmerged outputs. See :mod:`lorafx.cli.demo`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lorafx import demo
+    from lorafx.cli import demo
     from lorafx.cli.ui import progress
 
     if args.steps < 1:

@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   lorafx inspect demo:tiny-llama --targets q_proj,up_proj --graph model.layers.0.mlp
   lorafx inspect demo:minilm --r 4 --targets query,value --format json
   lorafx inspect demo:mlp --svg mlp-lora.svg
-  lorafx inspect lorafx.models:tiny_mlp --r 2 --exclude head
+  lorafx inspect lorafx.cli.models:tiny_mlp --r 2 --exclude head
 """
 
 

@@ -2,7 +2,7 @@
 
 Models (``MODEL`` argument of every subcommand):
 
-* ``demo:NAME`` — a built-in model of :data:`lorafx.models.BUILTIN` (``tiny-llama``, ``minilm``,
+* ``demo:NAME`` — a built-in model of :data:`lorafx.cli.models.BUILTIN` (``tiny-llama``, ``minilm``,
   ``mlp``, ``bench-llama``);
 * a transformers directory (offline): with weights it is loaded, with only ``config.json`` it is built
   with seeded random weights (``from_config``);
@@ -80,7 +80,7 @@ def _quiet_transformers() -> None:
 
 
 def _builtin(name: str, seed: int):
-    from lorafx.models import BUILTIN
+    from lorafx.cli.models import BUILTIN
 
     if name not in BUILTIN:
         raise SourceError(f"unknown built-in model {DEMO}{name}; built-ins: {', '.join(DEMO + n for n in BUILTIN)}")
