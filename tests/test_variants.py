@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tolerances import assert_close
 from torch import nn
 
 import lorafx
+from lorafx.config import _VARIANTS, AdapterConfig, register_variant
 from lorafx.errors import NotMergeableError
 
 # -- the toy model: whole-model trace, odd shapes --------------------------------------------------
@@ -432,3 +434,32 @@ def test_unilora_overrides_must_share_the_vector():
     model = lorafx.apply(toy(), spec)
     assert site_adapters(model)["fc2"].idx_B.shape == (19, 5)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 50
+
+
+def test_config_versions_older_files_migrate_newer_are_refused():
+    """A variant at version 2 reads its version-1 dicts through ``migrate``; a version 3 dict is refused."""
+
+    @dataclass(frozen=True)
+    class RenamedForTests(AdapterConfig):  # version 1 called the rank "rank"; version 2 calls it "r"
+        name: ClassVar[str] = "renamed_for_tests"
+        version: ClassVar[int] = 2
+        r: int = 4
+
+        @classmethod
+        def migrate(cls, version, data):
+            assert version == 1
+            return {("r" if k == "rank" else k): v for k, v in data.items()}
+
+    register_variant(RenamedForTests)
+    try:
+        assert RenamedForTests(r=3).to_dict() == {"variant": "renamed_for_tests", "version": 2, "r": 3}
+        old = {"variant": "renamed_for_tests", "version": 1, "rank": 3}
+        assert lorafx.AdapterConfig.from_dict(old) == RenamedForTests(r=3)
+        assert lorafx.AdapterConfig.from_dict(RenamedForTests(r=5).to_dict()) == RenamedForTests(r=5)
+        for version in (3, 0, "2"):
+            with pytest.raises(lorafx.SpecError, match=rf"config version {version!r} is not supported"):
+                lorafx.AdapterConfig.from_dict({"variant": "renamed_for_tests", "version": version, "r": 3})
+        # A version-1 variant reads its own version as before, with no migration.
+        assert lorafx.AdapterConfig.from_dict({"variant": "lora", "version": 1, "r": 2}) == lorafx.LoRA(r=2)
+    finally:
+        _VARIANTS.pop(RenamedForTests.name, None)
