@@ -3,7 +3,7 @@
 Run from the repository root: ``python -m benchmarks.celora [--quick]``. Writes
 ``benchmarks/results/celora.json`` and ``.md``.
 
-* **Train step** on the benchmark Llama (``lorafx.models.bench_llama``: hidden 1024, 4 layers,
+* **Train step** on the benchmark Llama (``lorafx.cli.models.bench_llama``: hidden 1024, 4 layers,
   intermediate 2816, vocab 32000), batch 2 x 256, cross-entropy on random labels, Adam: LoRA r=16
   (α=32, rsLoRA) on all seven projections vs the CE-LoRA paper's placement: CE on v/o_proj (ρ=0.55)
   and up/down_proj (ρ=0.65) with r=16 (trained rank r'=14, SVD rank 14), LoRA r=16 on q/k/gate.
@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 import lorafx  # noqa: E402
 from lorafx.canonical import lora_linear  # noqa: E402
-from lorafx.models import tiny_llama  # noqa: E402
+from lorafx.cli.models import tiny_llama  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 
 import lorafx
 from benchmarks.common import interleaved_medians
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -31,11 +31,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lorafx  # noqa: E402
+from lorafx.cli.models import tiny_llama  # noqa: E402
 from lorafx.export import AdapterSession, to_onnx  # noqa: E402
-from lorafx.models import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FULL = dict(hidden=1024, layers=4, intermediate=2816, heads=16, kv_heads=16, vocab=32000)  # lorafx.models.bench_llama
+FULL = dict(hidden=1024, layers=4, intermediate=2816, heads=16, kv_heads=16, vocab=32000)  # cli.models.bench_llama
 QUICK = dict(hidden=256, layers=2, intermediate=704, heads=4, kv_heads=4, vocab=2000)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, write_results  # noqa: E402
 
 import lorafx  # noqa: E402
-from lorafx.models import bench_llama, tiny_llama  # noqa: E402
+from lorafx.cli.models import bench_llama, tiny_llama  # noqa: E402
 
 
 def build(quick: bool):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import lorafx
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESULTS = Path(__file__).parent / "results"

@@ -3,7 +3,7 @@
 Run from the repository root: ``python -m benchmarks.variants [--quick]``. Writes
 ``benchmarks/results/variants.json`` and ``.md``.
 
-Task (``lorafx.demo.make_teacher_task``): the frozen base is a random tiny Llama (hidden 64, 2 layers);
+Task (``lorafx.cli.demo.make_teacher_task``): the frozen base is a random tiny Llama (hidden 64, 2 layers);
 the teacher adds a hidden rank-4 change to q/v/up/down_proj; each student is the base plus one
 variant on all seven projections, trained with Adam (lr 5e-3, constant) for the same number of steps
 on random token batches (8 x 16) to match the teacher's logits (MSE). Reported: trainable parameters,
@@ -22,7 +22,7 @@ if not __package__:
 
 import torch  # noqa: E402
 
-from lorafx import demo  # noqa: E402
+from lorafx.cli import demo  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

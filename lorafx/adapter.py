@@ -95,6 +95,24 @@ class Adapter(nn.Module):
         return f"site={self.site!r}, variant={self.config.name!r}, in={self.in_features}, out={self.out_features}"
 
 
+class _PicksSlot:
+    """An adapter name (``str | None``) of :class:`SiteAdapters`, stored in the instance ``__dict__``;
+    setting it re-picks the adapter ``forward`` runs (``SiteAdapters._slot``)."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.key]
+
+    def __set__(self, obj, name: str | None) -> None:
+        obj.__dict__[self.key] = name
+        obj._update_slot()
+
+
 class SiteAdapters(nn.Module):
     """All named adapters of one linear call site, and which one is active.
 
@@ -117,25 +135,8 @@ class SiteAdapters(nn.Module):
     # value, so every switch recompiled. ``forward`` reads only ``_slot``, the active adapter module
     # kept outside ``_modules`` (no duplicate state_dict keys); Dynamo guards its *type* only and
     # lifts its parameters as graph inputs, so switching between adapters of one variant is free.
-    @property
-    def active(self) -> str | None:
-        """Name of the active adapter at this site (None: disabled)."""
-        return self._active
-
-    @active.setter
-    def active(self, name: str | None) -> None:
-        self.__dict__["_active"] = name
-        self._update_slot()
-
-    @property
-    def merged(self) -> str | None:
-        """Name of the adapter folded into the base weight, or None."""
-        return self._merged
-
-    @merged.setter
-    def merged(self, name: str | None) -> None:
-        self.__dict__["_merged"] = name
-        self._update_slot()
+    active = _PicksSlot("Name of the active adapter at this site (None: disabled).")
+    merged = _PicksSlot("Name of the adapter folded into the base weight, or None.")
 
     def _update_slot(self) -> None:
         on = self._active is not None and self._merged is None and self._active in self.adapters

@@ -26,21 +26,15 @@ def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 
 
 def variant_names() -> list[str]:
-    """Names of every registered variant, sorted."""
-    _load_builtin_variants()
+    """Names of every registered variant, sorted (``import lorafx`` has registered the built-in ones)."""
     return sorted(_VARIANTS)
 
 
 def variant_class(name: str) -> type[AdapterConfig]:
     """The config class registered as ``name``; a clear error lists the valid names otherwise."""
-    _load_builtin_variants()
     if name not in _VARIANTS:
         raise SpecError(f"unknown variant {name!r}; known variants: {', '.join(sorted(_VARIANTS))}")
     return _VARIANTS[name]
-
-
-def _load_builtin_variants() -> None:
-    import lorafx.variants  # noqa: F401  (registers the built-in variants on import)
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,7 @@ class AdapterConfig:
     """Base of every variant's config. Subclasses are frozen dataclasses with a ``name`` ClassVar."""
 
     name: ClassVar[str] = ""
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 1  # raise it when the fields change, and teach :meth:`migrate` the old form
 
     def make_adapter(self, in_features: int, out_features: int, site: str):
         """Build the adapter module for one site of shape ``[out_features, in_features]``."""
@@ -72,18 +66,33 @@ class AdapterConfig:
         fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"variant": self.name, "version": self.version, **fields}
 
+    @classmethod
+    def migrate(cls, version: int, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a config saved at ``version`` (1 <= version < ``cls.version``), in today's form.
+
+        :meth:`from_dict` calls it for older files only. A variant that raises its ``version`` overrides
+        it to rename, drop or add fields; the default is for a version that changed no field.
+        """
+        return data
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
-        """Inverse of :meth:`to_dict`; unknown variants, versions or fields are a :class:`SpecError`."""
+        """Inverse of :meth:`to_dict`; unknown variants, versions or fields are a :class:`SpecError`.
+
+        Configs saved by an older lorafx (any version from 1 up to the class's ``version``) go through
+        :meth:`migrate`; a newer version than this lorafx knows is refused.
+        """
         data = dict(data)
         if "variant" not in data:
             raise SpecError(f"adapter config {data!r} has no 'variant' key")
         cls = variant_class(data.pop("variant"))
         version = data.pop("version", cls.version)
-        if version != cls.version:
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= cls.version:
             raise SpecError(
                 f"variant {cls.name!r}: config version {version!r} is not supported (this lorafx reads {cls.version})"
             )
+        if version < cls.version:
+            data = dict(cls.migrate(version, data))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

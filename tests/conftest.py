@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tiny_llama():
-    from lorafx.models import tiny_llama
+    from lorafx.cli.models import tiny_llama
 
     return tiny_llama(seed=0)
 

@@ -1,4 +1,4 @@
-"""Small shared helpers for the test suite (model factories and state snapshots)."""
+"""Small shared helpers for the test suite: model factories (state snapshots: :mod:`model_state`)."""
 
 import copy
 
@@ -30,23 +30,6 @@ def tiny_opt(seed: int = 0) -> nn.Module:
         max_position_embeddings=64,
     )
     return OPTForCausalLM(cfg).eval()
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything that must be bit-identical after a failed operation."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "types": [(n, type(m).__name__) for n, m in model.named_modules()],
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-    }
-
-
-def assert_same_snapshot(a: dict, b: dict) -> None:
-    assert a["types"] == b["types"]
-    assert a["grad"] == b["grad"]
-    assert a["state"].keys() == b["state"].keys()
-    for k in a["state"]:
-        assert torch.equal(a["state"][k], b["state"][k]), k
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_snapshot, snapshot
+from model_state import assert_unchanged, snapshot
 from safetensors.torch import load_file, save_file
 
 import lorafx
 from lorafx.adapter_files import CONFIG, WEIGHTS
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 SPEC = lorafx.Spec(
     lorafx.LoRA(r=4, alpha=8, init="random"), targets=["q_proj", "up_proj"], overrides={"up_proj": {"r": 2}}
@@ -81,7 +81,7 @@ def test_bad_files_name_the_key_and_leave_the_model_unchanged(saved, edit, words
         lorafx.load_adapter(target, path)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
-    assert_same_snapshot(before, snapshot(target))
+    assert_unchanged(before, target)
     assert "_lorafx" not in target.__dict__
 
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from variant_cases import example_configs
 
 import lorafx
+from lorafx.cli.models import tiny_llama
 from lorafx.errors import AdapterFileError, NotMergeableError, SpecError
-from lorafx.models import tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"  # a site every file below has
 

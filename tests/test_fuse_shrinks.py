@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tolerances import assert_close
 
 import lorafx
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 from lorafx.passes.fuse_shrinks import fusing_backend
 
 

@@ -50,7 +50,7 @@ def test_op_forward_backward_on_cuda(dtype, shape, gate):
 
 
 def test_compiled_adapted_llama_on_cuda_uses_the_op():
-    from lorafx.models import tiny_llama
+    from lorafx.cli.models import tiny_llama
 
     model = tiny_llama(seed=0).cuda()
     model = lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=8, init="random"), targets="all-linear"))

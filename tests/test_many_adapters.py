@@ -19,7 +19,7 @@ import torch
 from tolerances import assert_close
 
 import lorafx
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 N = 128
 TARGETS = ["q_proj", "v_proj"]

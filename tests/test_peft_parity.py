@@ -8,7 +8,7 @@ from helpers import tiny_gpt2, tiny_opt
 from tolerances import assert_close
 
 import lorafx
-from lorafx.models import minilm, minilm_path, tiny_llama
+from lorafx.cli.models import minilm, minilm_path, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx
 from lorafx import regions
-from lorafx.models import TinyMLP, tiny_llama
+from lorafx.cli.models import TinyMLP, tiny_llama
 
 
 def count_traces(monkeypatch) -> dict:

@@ -16,7 +16,7 @@ import torch
 from tolerances import ONNX_FP32
 
 import lorafx
-from lorafx.models import tiny_mlp
+from lorafx.cli.models import tiny_mlp
 
 pytest.importorskip("onnxruntime")
 

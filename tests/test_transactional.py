@@ -18,7 +18,7 @@ from tolerances import MERGED_LOGITS_FP32, UNMERGED_WEIGHT_FP32, assert_close
 from variant_cases import example_configs
 
 import lorafx
-from lorafx.models import TinyMLP, tiny_llama
+from lorafx.cli.models import TinyMLP, tiny_llama
 from lorafx.variants.lora import LoRA, LoRAAdapter
 
 # ``lorafx.apply`` / ``lorafx.merge`` are the functions; the modules are needed to patch internals.

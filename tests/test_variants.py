@@ -1,24 +1,25 @@
-"""One table of variant cases x the invariants that apply to each (issue 3).
+"""One table of variant cases (tests/variant_cases.py) x the invariants that apply to each (issue 3).
 
-Every reference formula below is written from the papers' equations (VARIANTS.md), not from the
-canonical lowering: MoR as a sum over experts, CapaBoost as a sum over masked copies, Uni-LoRA through
-a dense projection matrix P. The toy model runs in float64 so that two orderings of the same sums agree
+Every reference formula is written from the papers' equations (VARIANTS.md), not from the canonical
+lowering: MoR as a sum over experts, CapaBoost as a sum over masked copies (in the table), Uni-LoRA
+through a dense projection matrix P (below). The toy model runs in float64 so that two orderings of the same sums agree
 to ~1e-15; the tiny Llama runs in float32 with the tolerance table's fp32 entry.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 from tolerances import assert_close
 from torch import nn
+from variant_cases import CASES, Case, delta_lora
 
 import lorafx
+from lorafx.config import _VARIANTS, AdapterConfig, register_variant
 from lorafx.errors import NotMergeableError
 
 # -- the toy model: whole-model trace, odd shapes --------------------------------------------------
@@ -41,44 +42,6 @@ def toy(seed: int = 0) -> nn.Module:
 
 TOY_SITES = ["fc1", "fc2"]
 TOY_X = torch.randn(3, 5, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-# -- the paper formulas: delta(x) of one site, from the adapter's raw tensors --------------------------
-
-
-def delta_lora(a, x, gate, scale):
-    return scale * (x @ a.lora_A.t()) @ a.lora_B.t()
-
-
-def delta_droplora(a, x, gate):
-    h = x @ a.lora_A.t()
-    if gate is not None:  # the training mask the graph drew, captured from the site's Lowered
-        h = h * gate
-    return a.config.alpha / a.config.r * h @ a.lora_B.t()
-
-
-def delta_mor(a, x, gate):
-    c = a.config
-    G = torch.softmax(x @ a.router.t(), dim=-1)
-    out = 0
-    for i in range(c.experts):  # Σ_i G_i(x)·(α/r)·diag(λB_i)·B·diag(λA_i)·A x
-        D_i = (a.omega_B[i][:, None] * a.lora_B) @ (a.omega_A[i][:, None] * a.lora_A)
-        out = out + G[..., i : i + 1] * (x @ D_i.t())
-    if c.shared_expert:
-        out = out + x @ (a.lora_B @ a.lora_A).t()
-    return c.alpha / c.r * out
-
-
-def delta_capaboost(a, x, gate):
-    c = a.config
-    out = 0
-    for i in range(c.copies):
-        out = out + (x @ (a.lora_A * a.mask_A[i]).t()) @ (a.lora_B * a.mask_B[i]).t()
-    return c.alpha / c.r * out
-
-
-def delta_celora(a, x, gate):
-    r_prime = int(7 * a.config.r / 8)  # the paper code's rank balancing
-    return delta_lora(a, x, gate, a.config.alpha / math.sqrt(r_prime))
 
 
 def unilora_projection(model) -> torch.Tensor:
@@ -108,72 +71,6 @@ def unilora_factors(model, a) -> tuple[torch.Tensor, torch.Tensor]:
     raise AssertionError("adapter not found")
 
 
-# -- the table ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    make: Callable  # (random: bool) -> config
-    delta: Callable | None  # (adapter, x, gate) -> delta; Uni-LoRA is special-cased (needs the model)
-    per_site_params: Callable | None  # (config, d_in, d_out) -> trainable count; None = global
-    mergeable: bool = True
-    zero_init: bool = True  # default init gives the base model exactly
-
-
-def _lora_count(c, d_in, d_out):
-    return c.r * (d_in + d_out)
-
-
-CASES = [
-    Case(
-        "lora",
-        lambda rnd: lorafx.LoRA(r=3, alpha=6, init="random" if rnd else "default"),
-        lambda a, x, g: delta_lora(a, x, g, 2.0),
-        _lora_count,
-    ),
-    Case(
-        "mor",
-        lambda rnd: lorafx.MoR(r=3, alpha=6, experts=4, router_std=0.5, init="random" if rnd else "default"),
-        delta_mor,
-        lambda c, i, o: c.r * (i + o) + c.experts * (c.r + o) + c.experts * i,
-        mergeable=False,
-    ),
-    Case(
-        "mor_shared",
-        lambda rnd: lorafx.MoR(
-            r=2, alpha=3, experts=2, shared_expert=True, router_std=0.5, init="random" if rnd else "default"
-        ),
-        delta_mor,
-        lambda c, i, o: c.r * (i + o) + c.experts * (c.r + o) + c.experts * i,
-        mergeable=False,
-    ),
-    Case(
-        "unilora",
-        lambda rnd: lorafx.UniLoRA(r=3, vector_length=97, seed=5, init_bound=0.3 if rnd else 0.02),
-        None,
-        None,
-        zero_init=False,
-    ),
-    Case(
-        "celora",
-        lambda rnd: lorafx.CELoRA(r=8, alpha=16, keep_ratio=0.5, init="random" if rnd else "default"),
-        delta_celora,
-        lambda c, i, o: 7 * (i + o),
-    ),
-    Case(
-        "capaboost",
-        lambda rnd: lorafx.CapaBoost(r=3, alpha=6, copies=3, density=0.4, seed=2, init="random" if rnd else "default"),
-        delta_capaboost,
-        _lora_count,
-    ),
-    Case(
-        "droplora",
-        lambda rnd: lorafx.DropLoRA(r=3, alpha=6, rank_dropout=0.4, init="random" if rnd else "default"),
-        delta_droplora,
-        _lora_count,
-    ),
-]
 IDS = [c.name for c in CASES]
 
 
@@ -432,3 +329,32 @@ def test_unilora_overrides_must_share_the_vector():
     model = lorafx.apply(toy(), spec)
     assert site_adapters(model)["fc2"].idx_B.shape == (19, 5)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 50
+
+
+def test_config_versions_older_files_migrate_newer_are_refused():
+    """A variant at version 2 reads its version-1 dicts through ``migrate``; a version 3 dict is refused."""
+
+    @dataclass(frozen=True)
+    class RenamedForTests(AdapterConfig):  # version 1 called the rank "rank"; version 2 calls it "r"
+        name: ClassVar[str] = "renamed_for_tests"
+        version: ClassVar[int] = 2
+        r: int = 4
+
+        @classmethod
+        def migrate(cls, version, data):
+            assert version == 1
+            return {("r" if k == "rank" else k): v for k, v in data.items()}
+
+    register_variant(RenamedForTests)
+    try:
+        assert RenamedForTests(r=3).to_dict() == {"variant": "renamed_for_tests", "version": 2, "r": 3}
+        old = {"variant": "renamed_for_tests", "version": 1, "rank": 3}
+        assert lorafx.AdapterConfig.from_dict(old) == RenamedForTests(r=3)
+        assert lorafx.AdapterConfig.from_dict(RenamedForTests(r=5).to_dict()) == RenamedForTests(r=5)
+        for version in (3, 0, "2"):
+            with pytest.raises(lorafx.SpecError, match=rf"config version {version!r} is not supported"):
+                lorafx.AdapterConfig.from_dict({"variant": "renamed_for_tests", "version": version, "r": 3})
+        # A version-1 variant reads its own version as before, with no migration.
+        assert lorafx.AdapterConfig.from_dict({"variant": "lora", "version": 1, "r": 2}) == lorafx.LoRA(r=2)
+    finally:
+        _VARIANTS.pop(RenamedForTests.name, None)

@@ -292,7 +292,7 @@ def test_every_variant_learns_the_teacher(one_thread):
 
     Measured (seed 0): cut 78% LoRA, 79% MoR, 66% Uni-LoRA, 75% CE-LoRA, 77% CapaBoost, 67% DropLoRA.
     """
-    from lorafx import demo
+    from lorafx.cli import demo
 
     task = demo.make_teacher_task(seed=0, steps=60)
     specs = demo.demo_specs()

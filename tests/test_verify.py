@@ -11,8 +11,8 @@ from tolerances import VERIFY_REPORT
 from variant_cases import example_configs
 
 import lorafx
+from lorafx.cli.models import tiny_llama
 from lorafx.errors import NotMergeableError, SpecError
-from lorafx.models import tiny_llama
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from lorafx.cli.ui import plain
+from lorafx.cli.ui import add_command
 from lorafx.errors import LorafxError
 
 EXAMPLES = """examples:
@@ -33,13 +33,8 @@ class BenchError(LorafxError, RuntimeError):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="run the benchmark scripts (benchmarks/*.py) and write benchmarks/results/SUMMARY.md",
-        description=plain(__doc__),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    help = "run the benchmark scripts (benchmarks/*.py) and write benchmarks/results/SUMMARY.md"
+    p = add_command(sub, "bench", help, __doc__, EXAMPLES)
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all), e.g. kernels")
     p.add_argument(
         "--quick", action="store_true", help="small sizes: checks the scripts work, numbers are not for the README"

@@ -2,14 +2,14 @@
 
 Each variant's adapter is trained for the same number of steps to imitate a teacher (the base model
 plus a hidden low-rank change); the table shows the loss cut, trainable parameters and whether the
-merged model gives the unmerged outputs. See :mod:`lorafx.demo`.
+merged model gives the unmerged outputs. See :mod:`lorafx.cli.demo`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from lorafx.cli.ui import plain
+from lorafx.cli.ui import add_command, comma_list
 from lorafx.errors import SpecError
 
 EXAMPLES = """examples:
@@ -19,24 +19,18 @@ EXAMPLES = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run every variant end to end on a built-in tiny Llama",
-        description=plain(__doc__),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "demo", "run every variant end to end on a built-in tiny Llama", __doc__, EXAMPLES)
     p.add_argument("--steps", type=int, default=60, help="training steps per variant (default 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--variants",
-        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        type=comma_list,
         default=None,
         help="comma-separated subset, e.g. lora,mor",
     )
     p.add_argument(
         "--skip",
-        type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        type=comma_list,
         default=[],
         help="comma-separated checks to leave out: compile (inductor vs eager), onnx (onnxruntime vs eager)",
     )
@@ -46,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lorafx import demo
+    from lorafx.cli import demo
     from lorafx.cli.ui import progress
 
     if args.steps < 1:

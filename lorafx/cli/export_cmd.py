@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from lorafx.cli.sources import MODEL_HELP, add_spec_arguments, load_model, spec_from_args
+from lorafx.cli.ui import add_command, add_repeatable
 
 EPILOG = """examples:
   lorafx export demo:tiny-llama --mode unmerged --variant lora --r 8 --targets q_proj,v_proj --out out/llama --check
@@ -30,13 +31,7 @@ EPILOG = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a model with adapters to ONNX (merged | unmerged | multi)",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "export", "export a model with adapters to ONNX (merged | unmerged | multi)", __doc__, EPILOG)
     p.add_argument("model", help=f"model source: {MODEL_HELP}")
     p.add_argument(
         "--mode",
@@ -45,13 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export mode (default unmerged; see above)",
     )
     p.add_argument("--out", required=True, help="output directory (model.onnx, lorafx_export.json, adapters/)")
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a lorafx.save_adapter directory to load (repeatable)",
-    )
+    add_repeatable(p, "--adapter", "DIR", "a lorafx.save_adapter directory to load (repeatable)")
     p.add_argument("--slots", type=int, default=2, help="multi mode with a spec: number of adapter slots K (default 2)")
     p.add_argument("--rank", type=int, help="export width R (>= the adapters' ranks) to serve larger adapters later")
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from lorafx.cli import sources
-from lorafx.cli.ui import plain
+from lorafx.cli.ui import add_command
 from lorafx.errors import LorafxError
 
 EXAMPLES = """examples:
@@ -21,18 +21,13 @@ EXAMPLES = """examples:
   lorafx inspect demo:tiny-llama --targets q_proj,up_proj --graph model.layers.0.mlp
   lorafx inspect demo:minilm --r 4 --targets query,value --format json
   lorafx inspect demo:mlp --svg mlp-lora.svg
-  lorafx inspect lorafx.models:tiny_mlp --r 2 --exclude head
+  lorafx inspect lorafx.cli.models:tiny_mlp --r 2 --exclude head
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="show which linear sites a spec adapts, with parameters, FLOPs and the rewritten graph",
-        description=plain(__doc__),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    help = "show which linear sites a spec adapts, with parameters, FLOPs and the rewritten graph"
+    p = add_command(sub, "inspect", help, __doc__, EXAMPLES)
     p.add_argument("model", metavar="MODEL", help=sources.MODEL_HELP + ", or an exported .onnx file")
     sources.add_spec_arguments(p)
     out = p.add_argument_group("output")

@@ -2,7 +2,7 @@
 
 Models (``MODEL`` argument of every subcommand):
 
-* ``demo:NAME`` — a built-in model of :data:`lorafx.models.BUILTIN` (``tiny-llama``, ``minilm``,
+* ``demo:NAME`` — a built-in model of :data:`lorafx.cli.models.BUILTIN` (``tiny-llama``, ``minilm``,
   ``mlp``, ``bench-llama``);
 * a transformers directory (offline): with weights it is loaded, with only ``config.json`` it is built
   with seeded random weights (``from_config``);
@@ -23,6 +23,7 @@ import inspect
 import json
 from pathlib import Path
 
+from lorafx.cli.ui import add_repeatable
 from lorafx.errors import LorafxError, SpecError
 
 DEMO = "demo:"
@@ -80,7 +81,7 @@ def _quiet_transformers() -> None:
 
 
 def _builtin(name: str, seed: int):
-    from lorafx.models import BUILTIN
+    from lorafx.cli.models import BUILTIN
 
     if name not in BUILTIN:
         raise SourceError(f"unknown built-in model {DEMO}{name}; built-ins: {', '.join(DEMO + n for n in BUILTIN)}")
@@ -164,13 +165,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--r", type=int, help="rank r")
     g.add_argument("--alpha", type=float, help="scale numerator alpha")
     g.add_argument("--dropout", type=float, help="adapter input dropout")
-    g.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="any other config field (repeatable; VALUE is JSON or a string)",
-    )
+    add_repeatable(g, "--set", "FIELD=VALUE", "any other config field (repeatable; VALUE is JSON or a string)")
     g.add_argument("--targets", help="comma-separated FQN suffixes, or all-linear (default)")
     g.add_argument("--targets-regex", metavar="REGEX", help="a regex that must match the whole site FQN")
     g.add_argument("--exclude", help="comma-separated FQN suffixes never adapted")

@@ -5,6 +5,7 @@ Progress goes to stderr so that stdout stays clean for tables and ``--format jso
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -32,6 +33,29 @@ def plain(doc: str | None) -> str:
     """A module docstring as ``--help`` text: reST roles and literal quotes removed."""
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
     return text.replace("``", "")
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, help: str, doc: str | None, examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand's parser: ``--help`` shows its module docstring and examples with their line breaks."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=plain(doc),
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_repeatable(parser, flag: str, metavar: str, help: str) -> None:
+    """A flag that may be given many times; its values collect in a list (empty when not given)."""
+    parser.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+
+
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: an argparse ``type`` for comma-separated names."""
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 class _NoProgress:

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
-from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair
+from lorafx.config import register_variant
+from lorafx.variants.checks import check_init, check_int, check_interval
+from lorafx.variants.lora import LowRankConfig, init_lora_pair
 
 
 @register_variant
 @dataclass(frozen=True)
-class CapaBoost(AdapterConfig):
+class CapaBoost(LowRankConfig):
     """CapaBoost-LoRA: ``copies`` masked copies of one shared (A, B).
 
     Args:
@@ -46,28 +47,18 @@ class CapaBoost(AdapterConfig):
         >>> spec = lorafx.Spec(lorafx.CapaBoost(r=8, copies=2, density=0.5), targets=["query", "value"])
     """
 
-    name: ClassVar[str] = "capaboost"
-    r: int = 8
-    alpha: float = 16.0
+    name: ClassVar[str] = "capaboost"  # fields r, alpha, dropout from LowRankConfig, then:
     copies: int = 2
     density: float = 0.5
     seed: int = 0
-    dropout: float = 0.0
     init: Literal["default", "gaussian", "random"] = "default"
 
     def __post_init__(self):
-        check_rank_alpha_dropout(self)
-        if not isinstance(self.copies, int) or isinstance(self.copies, bool) or self.copies < 1:
-            raise ValueError(f"capaboost: copies must be a positive int, got {self.copies!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"capaboost: density must be in (0, 1], got {self.density!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"capaboost: seed must be a non-negative int, got {self.seed!r}")
+        super().__post_init__()
+        check_int(self, "copies")
+        check_interval(self, "density", 0, 1, closed="(]")
+        check_int(self, "seed", minimum=0)
         check_init(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> CapaBoostAdapter:
         return CapaBoostAdapter(self, in_features, out_features, site)

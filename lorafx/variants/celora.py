@@ -38,7 +38,8 @@ from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair, lora_scale
+from lorafx.variants.checks import check_init, check_int, check_interval, check_rank_alpha_dropout
+from lorafx.variants.lora import init_lora_pair, lora_scale
 
 
 @register_variant
@@ -78,12 +79,10 @@ class CELoRA(AdapterConfig):
 
     def __post_init__(self):
         check_rank_alpha_dropout(self)
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"celora: keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        check_interval(self, "keep_ratio", 0, 1, closed="(]")
         if self.svd_rank is not None and (not isinstance(self.svd_rank, int) or self.svd_rank < 1):
             raise ValueError(f"celora: svd_rank must be a positive int or None, got {self.svd_rank!r}")
-        if not isinstance(self.recompute_every, int) or self.recompute_every < 1:
-            raise ValueError(f"celora: recompute_every must be a positive int, got {self.recompute_every!r}")
+        check_int(self, "recompute_every")
         if self.lora_rank < 1:
             raise ValueError(
                 f"celora: r={self.r} (svd_rank={self.svd_rank}) leaves a LoRA rank r' = {self.lora_rank} < 1"

@@ -9,18 +9,19 @@ and merge (VARIANTS.md §5.1); that mismatch is a bug lorafx does not copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from lorafx.adapter import Lowered
-from lorafx.config import AdapterConfig, register_variant
-from lorafx.variants.lora import LoRAAdapter, check_init, check_rank_alpha_dropout, lora_scale
+from lorafx.config import register_variant
+from lorafx.variants.checks import check_interval
+from lorafx.variants.lora import LoRAAdapter, LoRAFields
 
 
 @register_variant
 @dataclass(frozen=True)
-class DropLoRA(AdapterConfig):
+class DropLoRA(LoRAFields):
     """LoRA with rank-dimension dropout in training.
 
     Args:
@@ -37,22 +38,11 @@ class DropLoRA(AdapterConfig):
     """
 
     name: ClassVar[str] = "droplora"
-    r: int = 8
-    alpha: float = 16.0
-    rank_dropout: float = 0.5
-    dropout: float = 0.0
-    rslora: bool = False
-    init: Literal["default", "gaussian", "random"] = "default"
+    rank_dropout: float = 0.5  # after LoRA's fields r, alpha, dropout, rslora, init
 
     def __post_init__(self):
-        check_rank_alpha_dropout(self)
-        if not 0.0 <= self.rank_dropout < 1.0:
-            raise ValueError(f"droplora: rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
-        check_init(self)
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.r, self.rslora)
+        super().__post_init__()
+        check_interval(self, "rank_dropout", 0, 1)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> DropLoRAAdapter:
         return DropLoRAAdapter(self, in_features, out_features, site)

@@ -16,26 +16,7 @@ from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
-
-
-def check_rank_alpha_dropout(cfg) -> None:
-    """Shared field checks for the LoRA family; raise ``ValueError`` naming the field."""
-    if not isinstance(cfg.r, int) or isinstance(cfg.r, bool) or cfg.r <= 0:
-        raise ValueError(f"{cfg.name}: r must be a positive int, got {cfg.r!r}")
-    if not isinstance(cfg.alpha, (int, float)) or cfg.alpha <= 0:
-        raise ValueError(f"{cfg.name}: alpha must be a positive number, got {cfg.alpha!r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"{cfg.name}: dropout must be in [0, 1), got {cfg.dropout!r}")
-
-
-INITS = ("default", "gaussian", "random")
-
-
-def check_init(cfg, allowed: tuple[str, ...] = INITS) -> None:
-    """``init`` is one of ``allowed``; ``ValueError`` naming the variant and the choices otherwise."""
-    if cfg.init not in allowed:
-        choices = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
-        raise ValueError(f"{cfg.name}: init must be {choices}, got {cfg.init!r}")
+from lorafx.variants.checks import check_init, check_rank_alpha_dropout
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -43,9 +24,42 @@ def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+@dataclass(frozen=True)
+class LowRankConfig(AdapterConfig):
+    """The fields of every variant built on one trained (A, B) pair: rank, scale numerator, input
+    dropout; ``s = alpha / r``. Subclasses add their own fields after these."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        check_rank_alpha_dropout(self)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class LoRAFields(LowRankConfig):
+    """Plain LoRA's fields and scale (rsLoRA optional), shared by the variants that add to it (DropLoRA)."""
+
+    rslora: bool = False
+    init: Literal["default", "gaussian", "random"] = "default"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_init(self)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.rslora)
+
+
 @register_variant
 @dataclass(frozen=True)
-class LoRA(AdapterConfig):
+class LoRA(LoRAFields):
     """Plain LoRA.
 
     Args:
@@ -62,19 +76,6 @@ class LoRA(AdapterConfig):
     """
 
     name: ClassVar[str] = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    init: Literal["default", "gaussian", "random"] = "default"
-
-    def __post_init__(self):
-        check_rank_alpha_dropout(self)
-        check_init(self)
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.r, self.rslora)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> LoRAAdapter:
         return LoRAAdapter(self, in_features, out_features, site)

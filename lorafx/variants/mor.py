@@ -23,14 +23,15 @@ import torch
 from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
-from lorafx.config import AdapterConfig, register_variant
+from lorafx.config import register_variant
 from lorafx.errors import NotMergeableError
-from lorafx.variants.lora import check_init, check_rank_alpha_dropout, init_lora_pair
+from lorafx.variants.checks import check_at_least, check_init, check_int
+from lorafx.variants.lora import LowRankConfig, init_lora_pair
 
 
 @register_variant
 @dataclass(frozen=True)
-class MoR(AdapterConfig):
+class MoR(LowRankConfig):
     """Mixture of Ranks.
 
     Args:
@@ -48,26 +49,17 @@ class MoR(AdapterConfig):
         >>> spec = lorafx.Spec(lorafx.MoR(r=32, alpha=64, experts=8), targets=["gate_proj", "up_proj", "down_proj"])
     """
 
-    name: ClassVar[str] = "mor"
-    r: int = 8
-    alpha: float = 16.0
+    name: ClassVar[str] = "mor"  # fields r, alpha, dropout from LowRankConfig, then:
     experts: int = 4
-    dropout: float = 0.0
     router_std: float = 0.02
     shared_expert: bool = False
     init: Literal["default", "random"] = "default"
 
     def __post_init__(self):
-        check_rank_alpha_dropout(self)
-        if not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts < 1:
-            raise ValueError(f"mor: experts must be a positive int, got {self.experts!r}")
-        if not self.router_std >= 0:
-            raise ValueError(f"mor: router_std must be >= 0, got {self.router_std!r}")
+        super().__post_init__()
+        check_int(self, "experts")
+        check_at_least(self, "router_std", 0)
         check_init(self, ("default", "random"))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     def mergeable(self) -> bool:
         return False

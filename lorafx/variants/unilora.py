@@ -25,6 +25,7 @@ from torch import nn
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
 from lorafx.errors import SpecError
+from lorafx.variants.checks import check_at_least, check_int, check_interval
 
 
 @register_variant
@@ -52,16 +53,11 @@ class UniLoRA(AdapterConfig):
     dropout: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"unilora: r must be a positive int, got {self.r!r}")
-        if not isinstance(self.vector_length, int) or isinstance(self.vector_length, bool) or self.vector_length <= 0:
-            raise ValueError(f"unilora: vector_length must be a positive int, got {self.vector_length!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"unilora: seed must be a non-negative int, got {self.seed!r}")
-        if not self.init_bound >= 0:
-            raise ValueError(f"unilora: init_bound must be >= 0, got {self.init_bound!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"unilora: dropout must be in [0, 1), got {self.dropout!r}")
+        check_int(self, "r")
+        check_int(self, "vector_length")
+        check_int(self, "seed", minimum=0)
+        check_at_least(self, "init_bound", 0)
+        check_interval(self, "dropout", 0, 1)
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> UniLoRAAdapter:
         return UniLoRAAdapter(self, in_features, out_features, site)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import lorafx
-from lorafx.models import tiny_llama
+from lorafx.cli.models import tiny_llama
 
 
 @dataclass
