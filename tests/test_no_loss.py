@@ -17,8 +17,8 @@ from tolerances import assert_close
 
 import lorafx
 from lorafx.adapter_files import CONFIG, WEIGHTS, read_adapter_dir
+from lorafx.cli.models import TinyMLP, tiny_llama
 from lorafx.errors import AdapterFileError, NotMergeableError, SpecError
-from lorafx.models import TinyMLP, tiny_llama
 
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 
