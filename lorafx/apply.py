@@ -23,7 +23,7 @@ from lorafx import state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
-from lorafx.plan import Plan, plan
+from lorafx.plan import Plan, output_head, plan
 from lorafx.spec import Spec
 
 
@@ -218,12 +218,38 @@ def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
         if not hasattr(root, state.SHARED):
             root.add_module(state.SHARED, nn.ModuleDict())
         getattr(root, state.SHARED).update(prep.shared)
+    head = output_head(prep.model)
+    if head is not None and head in prep.plan.selected and hasattr(root, "resize_token_embeddings"):
+        _refuse_resize(root, head, undo)
     for layer in sorted({s.slow_path for s in prep.plan.selected.values() if s.slow_path is not None}):
         _turn_off_fast_path(root.get_submodule(layer), undo)
     for p in root.parameters():
         p.requires_grad_(False)
     state.set_adapter(root, name if activate or data.active is None else data.active)
     return root
+
+
+class RefusedEdit:
+    """Stands in for a model-editing method that would drop an adapter (an instance attribute, so it
+    pickles and is removed by the commit's undo): raises before anything changes."""
+
+    def __init__(self, method: str, message: str):
+        self.method, self.message = method, message
+
+    def __call__(self, *args, **kwargs):
+        raise SpecError(f"{self.method}: {self.message}")
+
+
+def _refuse_resize(root: nn.Module, head: str, undo: list) -> None:
+    # transformers' resize_token_embeddings resizes the input embeddings first, then rebuilds the head
+    # as a new nn.Linear: on an adapted head it raised a TypeError with the embeddings already resized,
+    # and a head it could rebuild would silently drop the adapter.
+    message = (
+        f"the output head {head!r} carries a lorafx adapter, which resizing would drop; resize before "
+        "lorafx.apply (or save_adapter, resize a fresh model, load_adapter)"
+    )
+    root.__dict__["resize_token_embeddings"] = RefusedEdit("resize_token_embeddings", message)
+    undo.append(lambda: root.__dict__.pop("resize_token_embeddings", None))
 
 
 def _slow_path(module: nn.Module, args: tuple) -> None:

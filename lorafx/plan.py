@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lorafx import site_rules
@@ -102,6 +103,37 @@ def linear_sites(model: nn.Module) -> dict[str, Site]:
     return sites
 
 
+def _wrapper_kinds() -> dict[type, str]:
+    """Module wrappers that own the user's model: apply must see the model itself."""
+    kinds: dict[type, str] = {nn.DataParallel: "module"}
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        kinds[OptimizedModule] = "_orig_mod"
+    except ImportError:  # pragma: no cover - torch without Dynamo
+        pass
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+
+        kinds.update({DistributedDataParallel: "module", FullyShardedDataParallel: "module", FSDPModule: ""})
+    return kinds
+
+
+def refuse_wrapped(model: nn.Module) -> None:
+    """A wrapped model (torch.compile, DDP, DataParallel, FSDP) is refused: DDP and FSDP register
+    the parameters they see at construction (adapter gradients would not be synchronised, ranks
+    drift apart: 2.9e-3 after a few steps), torch.compile has traced the old graph, and every site
+    name would carry the wrapper's prefix (``_orig_mod.``, ``module.``)."""
+    for cls, inner in _wrapper_kinds().items():
+        if isinstance(model, cls):
+            where = f"model.{inner}" if inner else "the model before fully_shard"
+            raise SpecError(
+                f"apply() got a model wrapped in {cls.__name__}; apply lorafx to the model itself ({where}) "
+                "and wrap it afterwards"
+            )
+
+
 def output_head(model: nn.Module) -> str | None:
     """FQN of the output head (``get_output_embeddings()``), which ``"all-linear"`` skips as PEFT does."""
     get = getattr(model, "get_output_embeddings", None)
@@ -147,6 +179,7 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
     """
     if not isinstance(spec, Spec):
         raise SpecError(f"apply() takes a lorafx.Spec, got {type(spec).__name__}")
+    refuse_wrapped(model)
     sites = linear_sites(model)
     select(model, spec, sites)
     regions = plan_regions(model, [fqn for fqn, s in sites.items() if s.selected])

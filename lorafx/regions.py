@@ -81,6 +81,12 @@ def _trace_locked(module: nn.Module) -> fx.GraphModule | None:
         for mode in (True, False):
             module.train(mode)
             graph = _Tracer().trace(module)
+            for node in graph.nodes:
+                # `from __future__ import annotations` makes a forward's annotations strings; fx keeps
+                # them as node types, and pickling the GraphModule then fails ("'str' object has no
+                # attribute '__name__'"). A type is documentation only: drop string ones.
+                if isinstance(node.type, str):
+                    node.type = None
             graphs.append(graph)
             codes.append(graph.python_code("self").src)
     except Exception:  # any failure to trace means "not a region"; its children are tried instead

@@ -205,3 +205,51 @@ def test_hooks_on_an_adapted_linear_still_fire_in_order():
     calls.clear()
     model(x)
     assert calls == ["pre"]
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["whole-model region", "transformers model"])
+def test_torch_save_round_trips_an_adapted_model(which, tmp_path):
+    from lorafx.cli.models import TinyMLP, tiny_llama
+
+    torch.manual_seed(0)
+    if which == "whole-model region":
+        model, targets, x = TinyMLP(), ["up", "mid"], (torch.randn(3, 32),)
+    else:
+        model, targets, x = tiny_llama(), ["q_proj", "up_proj"], (torch.randint(0, 256, (2, 5)),)
+    model = lorafx.apply(model, spec(targets))
+
+    def out(m):
+        with torch.no_grad():
+            y = m(*x)
+        return getattr(y, "logits", y)
+
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(out(loaded), out(model))
+    lorafx.set_adapter(loaded, None)  # the lorafx state came along
+    lorafx.set_adapter(model, None)
+    assert torch.equal(out(loaded), out(model))
+
+
+def test_wrapped_models_are_refused_with_the_fix():
+    from lorafx.cli.models import TinyMLP
+
+    for wrapped, inner in ((torch.compile(TinyMLP()), "_orig_mod"), (nn.DataParallel(TinyMLP()), "module")):
+        with pytest.raises(SpecError, match=rf"wrapped in {type(wrapped).__name__}.*model\.{inner}"):
+            lorafx.apply(wrapped, spec(["up"]))
+
+
+def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_changes():
+    from lorafx.cli.models import tiny_llama
+
+    model = lorafx.apply(tiny_llama(), spec(["lm_head", "q_proj"]))
+    before = snapshot(model)
+    with pytest.raises(SpecError, match=r"resize_token_embeddings: the output head 'lm_head' carries"):
+        model.resize_token_embeddings(300)
+    assert_unchanged(before, model)
+    plain = tiny_llama()
+    lorafx.apply(plain, spec(["q_proj"])).resize_token_embeddings(300)  # an unadapted head resizes
+    assert plain.lm_head.weight.shape[0] == 300
