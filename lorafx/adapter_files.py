@@ -22,7 +22,7 @@ from torch import nn
 from lorafx import state
 from lorafx.adapter import Adapter
 from lorafx.apply import Prepared, commit, prepare
-from lorafx.errors import AdapterFileError, SpecError
+from lorafx.errors import AdapterFileError
 from lorafx.files import read_consistent, resolve_dir, write_together
 from lorafx.plan import linear_sites
 from lorafx.spec import Spec
@@ -276,8 +276,8 @@ def load_adapter(
     meta, tensors = read_adapter_dir(directory)
     try:
         spec = Spec.from_dict(meta["spec"])
-    except (KeyError, SpecError) as e:
-        raise AdapterFileError(f"{Path(directory) / CONFIG}: bad spec ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:  # SpecError is a ValueError; config fields raise both
+        raise AdapterFileError(f"{Path(directory).expanduser() / CONFIG}: bad spec ({e})") from None
     with state.model_lock(model):  # see lorafx.regions: traces and requests in flight
         name = name or meta.get("name", "default")
         prep = prepare(model, spec, name)

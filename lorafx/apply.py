@@ -32,6 +32,12 @@ def _build_adapters(p: Plan) -> dict[str, Adapter]:
     for fqn, site in p.selected.items():
         if site.tied_to:  # shares the adapter of the weight's first holder
             continue
+        r, limit = getattr(site.config, "r", None), min(site.in_features, site.out_features)
+        if isinstance(r, int) and r > limit:
+            raise SpecError(
+                f"site {fqn!r}: rank r={r} is above min(d_in, d_out) = {limit} of its [{site.out_features}, "
+                f"{site.in_features}] weight (BA could not have rank r); use r <= {limit} here (e.g. an override)"
+            )
         try:
             adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
         except ValueError as e:

@@ -8,6 +8,9 @@ as an import path, so a saved spec stays loadable when code moves.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,12 +20,63 @@ _VARIANTS: dict[str, type[AdapterConfig]] = {}
 
 
 def register_variant(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: register an :class:`AdapterConfig` subclass under ``cls.name``."""
+    """Class decorator: register an :class:`AdapterConfig` subclass under ``cls.name``.
+
+    The class's ``__post_init__`` is extended with :func:`check_field_types`, after the variant's own
+    checks (whose messages are more specific), so every field of every variant is type-checked."""
     name = cls.name
     if name in _VARIANTS and _VARIANTS[name] is not cls:
         raise ValueError(f"variant {name!r} is registered twice ({_VARIANTS[name].__qualname__}, {cls.__qualname__})")
+    own = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self):
+        try:
+            if own is not None:
+                own(self)
+        except TypeError:  # a range check met a value of the wrong type ("0.1" < 1): name the field
+            check_field_types(self)
+            raise
+        check_field_types(self)
+
+    cls.__post_init__ = __post_init__
     _VARIANTS[name] = cls
     return cls
+
+
+def check_field_types(cfg: AdapterConfig) -> None:
+    """Every field of ``cfg`` has its annotated type, strictly: a bool field takes only ``True`` or
+    ``False`` (JSON ``"false"`` would be truthy), an int field no bool (``True`` would be 1), a float
+    field a finite number (NaN or Inf alpha would make every output NaN), a Literal one of its values.
+    ``ValueError`` naming the variant and field."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        problem = _type_problem(getattr(cfg, f.name), hints[f.name])
+        if problem:
+            raise ValueError(f"{cfg.name}: {f.name} must be {problem}, got {getattr(cfg, f.name)!r}")
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        problems = [_type_problem(value, a) for a in options]
+        return None if any(p is None for p in problems) else " or ".join(problems)
+    if origin is typing.Literal:
+        return None if value in args and type(value) is type(args[0]) else f"one of {list(args)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        return None if isinstance(value, tuple) else "a list"
+    return None
 
 
 def variant_names() -> list[str]:

@@ -169,6 +169,9 @@ def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
     unused = spec.unused_patterns(chosen)
     if unused:
         raise SpecError(f"spec entries {unused} match no selected linear site{_closest(spec, names, unused)}")
+    dead = spec.dead_entries(names, {fqn: sites[fqn].override for fqn in chosen})
+    if dead:
+        raise SpecError(f"spec entries that would do nothing: {'; '.join(dead)}{_closest(spec, names, [])}")
 
 
 def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:

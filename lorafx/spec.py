@@ -79,6 +79,8 @@ class Spec:
             raise SpecError("Spec.targets is empty: name the sites to adapt, a regex, or 'all-linear'")
         if self.exclude == ALL_LINEAR:
             raise SpecError("Spec.exclude cannot be 'all-linear'")
+        if not isinstance(self.overrides, Mapping):
+            raise SpecError(f"Spec.overrides must map patterns to field dicts or configs, got {self.overrides!r}")
         resolved = {}
         for pattern, value in dict(self.overrides).items():
             if isinstance(value, AdapterConfig):
@@ -133,6 +135,27 @@ class Spec:
         unused += [p for p in self._resolved if not any(_matches_pattern(f, p) for f in fqns)]
         return unused
 
+    def dead_entries(self, all_fqns: Sequence[str], chosen: Mapping[str, str | None]) -> list[str]:
+        """Entries that cannot change anything, described: ``exclude`` entries that match no linear
+        site of the model (a misspelt exclude would leave the site it meant adapted), and overrides
+        that match selected sites but are shadowed there by an earlier pattern (first match wins).
+        ``chosen`` maps each selected site to the override that chose its config."""
+        dead = []
+        if isinstance(self.exclude, tuple):
+            dead += [
+                f"exclude {e!r} matches no linear site"
+                for e in self.exclude
+                if not any(_matches_entry(f, e) for f in all_fqns)
+            ]
+        elif self.exclude and not any(re.fullmatch(self.exclude, f) for f in all_fqns):
+            dead.append(f"exclude regex {self.exclude!r} matches no linear site")
+        won = set(chosen.values())
+        for p in self._resolved:
+            if p not in won and any(_matches_pattern(f, p) for f in chosen):
+                shadow = next(chosen[f] for f in chosen if _matches_pattern(f, p))
+                dead.append(f"override {p!r} never applies: {shadow!r} comes first and wins at every site it matches")
+        return dead
+
     # -- serialisation ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +184,9 @@ class Spec:
             raise SpecError(f"spec has unknown key(s) {unknown}")
         if "config" not in data:
             raise SpecError('spec has no \'config\' key (e.g. {"config": {"variant": "lora", "r": 8}})')
+        for key, kind in (("config", Mapping), ("overrides", Mapping)):
+            if key in data and not isinstance(data[key], kind):
+                raise SpecError(f"spec {key!r} must be a JSON object, got {data[key]!r}")
         overrides = {}
         for pattern, value in dict(data.get("overrides", {})).items():
             overrides[pattern] = (
