@@ -45,7 +45,7 @@ def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float)
 
 def forward_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: str = "cuda") -> dict:
     """name -> zero-argument callable for one LoRA projection forward (``peft`` when peft is installed)."""
-    from lorafx.kernels import triton_lora
+    from lorafx.kernels._triton import launchers
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(M, K, device=device, generator=g).to(dtype)
@@ -56,7 +56,7 @@ def forward_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: st
     cases = {
         "base": lambda: x @ W.t(),
         "unfused": lambda: x @ W.t() + ((x @ A.t()) @ B.t()) * 2.0,
-        "fused": lambda: triton_lora.lora_linear(x, W, None, A, B, s),
+        "fused": lambda: launchers.lora_linear(x, W, None, A, B, s),
     }
     peft = _peft_layer(W, A, B, alpha=2.0 * r)
     if peft is not None:
@@ -66,8 +66,9 @@ def forward_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: st
 
 def multi_cases(M: int, K: int, N: int, r: int, n: int, dtype: torch.dtype, device: str = "cuda") -> dict:
     """Mixed-adapter batch (rows spread evenly over n adapters): the segmented kernels vs a loop of
-    per-adapter index_select/index_add (the composite) vs one adapter for every row (the floor)."""
-    from lorafx.kernels import ops, triton_lora
+    per-adapter index_select/index_copy (the composite) vs one adapter for every row (the floor)."""
+    from lorafx.kernels._triton import launchers
+    from lorafx.kernels.lora_linear_multi import multi_forward_composite
 
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(M, K, device=device, generator=g).to(dtype)
@@ -77,16 +78,17 @@ def multi_cases(M: int, K: int, N: int, r: int, n: int, dtype: torch.dtype, devi
     s = torch.full((n,), 2.0, device=device)
     idx = torch.randperm(M, device=device, generator=g) % n
     return {
-        "single": lambda: triton_lora.lora_linear(x, W, None, A[0], B[0], s[0]),
-        "segmented": lambda: triton_lora.lora_linear_multi(x, W, None, A, B, s, idx),
-        "loop": lambda: ops._multi_forward_ref(x, W, None, A, B, s, idx),
+        "single": lambda: launchers.lora_linear(x, W, None, A[0], B[0], s[0]),
+        "segmented": lambda: launchers.lora_linear_multi(x, W, None, A, B, s, idx),
+        "loop": lambda: multi_forward_composite(x, W, None, A, B, s, idx),
     }
 
 
 def celora_cases(T: int, K: int, N: int, r0: int, rho: float, dtype: torch.dtype, device: str = "cuda") -> dict:
     """CE-LoRA's ∂x of the frozen matmul: dense ``G W`` (cuBLAS, exact) vs the gathered Triton kernel
     vs the composite (index_select + cuBLAS)."""
-    from lorafx.kernels import ops, triton_lora
+    from lorafx.kernels._triton import launchers
+    from lorafx.kernels.celora_input_grad import celora_input_grad_composite
 
     g = torch.Generator(device=device).manual_seed(2)
     G = torch.randn(T, N, device=device, generator=g).to(dtype)
@@ -96,8 +98,8 @@ def celora_cases(T: int, K: int, N: int, r0: int, rho: float, dtype: torch.dtype
     index = torch.randperm(N, device=device, generator=g)[: int(rho * N)].sort().values
     return {
         "dense": lambda: G @ W,
-        "triton": lambda: triton_lora.celora_input_grad(G, W, B0, A0, index),
-        "composite": lambda: ops._celora_input_grad_ref(G, W, B0, A0, index),
+        "triton": lambda: launchers.celora_input_grad(G, W, B0, A0, index),
+        "composite": lambda: celora_input_grad_composite(G, W, B0, A0, index),
     }
 
 

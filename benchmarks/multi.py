@@ -23,7 +23,8 @@ import argparse
 import torch
 
 from benchmarks.common import interleaved_medians, write_results
-from lorafx.kernels import ops
+from lorafx.kernels.lora_linear import lora_linear
+from lorafx.kernels.lora_linear_multi import lora_linear_multi
 
 
 def _masked_multi(x, W, b, A, B, s, idx):
@@ -33,7 +34,7 @@ def _masked_multi(x, W, b, A, B, s, idx):
         @staticmethod
         def forward(ctx, x, A, B):
             ctx.save_for_backward(x, A, B)
-            return ops.lora_linear_multi(x, W, b, A, B, s, idx)
+            return lora_linear_multi(x, W, b, A, B, s, idx)
 
         @staticmethod
         def backward(ctx, dy):
@@ -72,9 +73,9 @@ def bench(n: int, T: int, d: int, r: int, repeats: int) -> dict:
 
     fns = {
         "base": run(lambda: torch.nn.functional.linear(x, W, b), (x,)),
-        "single": run(lambda: ops.lora_linear(x, W, b, A1, B1, s[0]), (x, A1, B1)),
+        "single": run(lambda: lora_linear(x, W, b, A1, B1, s[0]), (x, A1, B1)),
         "masked": run(lambda: _masked_multi(x, W, b, A, B, s, idx), (x, A, B)),
-        "lorafx": run(lambda: ops.lora_linear_multi(x, W, b, A, B, s, idx), (x, A, B)),
+        "lorafx": run(lambda: lora_linear_multi(x, W, b, A, B, s, idx), (x, A, B)),
     }
     t = interleaved_medians(fns, repeats)
     return {"n": n, "ms": {k: v * 1e3 for k, v in t.items()}, "vs_single": {k: v / t["single"] for k, v in t.items()}}

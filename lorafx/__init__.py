@@ -7,7 +7,7 @@ from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.adapter_files import load_adapter, save_adapter
 from lorafx.apply import apply
 from lorafx.canonical import Lowered
-from lorafx.compiler import compile, compile_check  # lorafx kernels/compile (issue 4)
+from lorafx.compiler import compile, compile_check, use_kernels  # lorafx kernels/compile (issue 4)
 from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, ExportError, LorafxError, NotMergeableError, SpecError, TraceError
 from lorafx.merge import is_merged, merge, unmerge
@@ -69,6 +69,7 @@ __all__ = [
     "to_peft",
     "unmerge",
     "untie",
+    "use_kernels",
     "using_adapter",
     "variant_names",
     "verify_merge",

@@ -16,25 +16,30 @@ switch to an adapter of another variant or rank at some site, and a new input sh
 ``dynamic=True`` for varying sequence lengths).
 
 :func:`compile` adds two whole-graph passes on top: the sibling shrink fusion
-(``lorafx.passes.fuse_shrinks``) and lowering of sites to the ``lorafx::`` op family
-(``lorafx.kernels.use_kernels``).
+(``lorafx.passes.fuse_shrinks``) and the kernel choice (:func:`use_kernels`, through the
+``lorafx.passes.lower_to_ops`` pass), which swaps lowered copies of the rewritten regions in and
+records how to swap the originals back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lorafx import state
+from lorafx.apply import swap_regions
 from lorafx.errors import SpecError
+from lorafx.regions import is_region
 from lorafx.state import iter_sites
 
 
 def compile(
     model: nn.Module,
     *,
-    kernels: str = "reference",
+    kernels: str = "composite",
     fuse_shrinks: bool = False,
     fullgraph: bool = True,
     **kwargs,
@@ -43,12 +48,15 @@ def compile(
 
     Args:
         model: a model returned by :func:`lorafx.apply`.
-        kernels: ``"reference"`` (plain PyTorch composite, inductor fuses it), ``"triton"`` (every
-            eligible site calls ``torch.ops.lorafx.lora_linear``; Triton on CUDA) or ``"auto"``
-            (``"triton"`` when CUDA and triton are available). Sites are lowered in place.
+        kernels: ``"composite"`` (plain PyTorch canonical evaluator, inductor fuses it), ``"ops"``
+            (every eligible site is one ``torch.ops.lorafx.lora_linear`` node: Triton on CUDA, the
+            composite on CPU) or ``"auto"`` (``"ops"`` when the model is on CUDA and triton is
+            installed, else ``"composite"``); ``"reference"`` and ``"triton"`` are aliases of the first
+            two. Applied with :func:`use_kernels`: lowered copies of the regions are swapped in, never
+            edited in place, and a later ``use_kernels(model, "composite")`` swaps the originals back.
         fuse_shrinks: concatenate the adapter shrinks (``x Aᵀ``) of sibling sites that read the same
             input (q/k/v, gate/up) into one matmul, in the Dynamo graph before inductor. Acts on
-            op-lowered sites, so it needs ``kernels="triton"`` (or ``"auto"`` resolving to it).
+            op-lowered sites, so it needs ``kernels="ops"`` (or ``"auto"`` resolving to it).
         fullgraph: passed to ``torch.compile``; True by default because an adapted model has no
             reason to break the graph.
         **kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ...; ``backend`` is the
@@ -61,13 +69,11 @@ def compile(
     """
     if not iter_sites(model):
         raise SpecError(f"{type(model).__name__} has no lorafx sites; call lorafx.apply(model, spec) first")
-    from lorafx.kernels.lowering import resolve, use_kernels
-
     chosen = resolve(kernels, model)
-    if fuse_shrinks and chosen == "reference":
+    if fuse_shrinks and chosen == "composite":
         raise SpecError(
-            f"fuse_shrinks=True fuses lorafx:: op nodes but kernels={kernels!r} resolved to 'reference'; "
-            "pass kernels='triton' (on CPU the op runs the reference composite)"
+            f"fuse_shrinks=True fuses lorafx:: op nodes but kernels={kernels!r} resolved to 'composite'; "
+            "pass kernels='ops' (on CPU the op runs the composite)"
         )
     use_kernels(model, chosen)
     _attach_missing(model)
@@ -77,6 +83,123 @@ def compile(
 
         backend = fusing_backend(backend)
     return torch.compile(model, fullgraph=fullgraph, backend=backend, **kwargs)
+
+
+def resolve(kernels: str, model: nn.Module) -> str:
+    """The kernel choice ``kernels`` stands for on ``model``: ``"composite"`` or ``"ops"``.
+
+    ``"auto"`` is ``"ops"`` when a parameter of ``model`` is on CUDA and the Triton kernels import,
+    else ``"composite"``; aliases resolve (``"reference"``, ``"triton"``); unknown names raise.
+    """
+    from lorafx.passes.lower_to_ops import kernel_name
+
+    if kernels != "auto":
+        return kernel_name(kernels)
+    from lorafx.kernels import triton_on_cuda
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return "ops" if on_cuda and triton_on_cuda() else "composite"
+
+
+# ---- use_kernels: swap lowered copies in, with records that swap the originals back ---------------
+# The records are data, not closures: a deepcopy of the model copies them along with the modules
+# they name (a closure would keep pointing at the original model), and they pickle.
+
+
+@dataclass
+class _Swapped:
+    """Region ``fqn`` was ``original``; a lowered copy, ``lowered``, stands there now."""
+
+    fqn: str
+    original: nn.Module
+    lowered: nn.Module
+
+
+@dataclass
+class _Retargeted:
+    """The whole-model region (``fqn == ""``) cannot be swapped in place: the object the user holds
+    *is* the region. Its site nodes were retargeted in place instead; ``targets`` maps each changed
+    node's name to the function it called before."""
+
+    targets: dict[str, Callable]
+
+
+def use_kernels(model: nn.Module, kernels: str = "auto") -> int:
+    """Make every rewritten site of ``model`` call the ``kernels`` implementation (see :func:`compile`).
+
+    Each region whose sites call another implementation is replaced, at its FQN, by a lowered copy
+    (:func:`lorafx.passes.lower_to_ops.lower_to_ops`; the copy shares weights and adapters), and a
+    record of the swap is kept in the model's state. Choosing another implementation first undoes
+    those records, so ``use_kernels(model, "composite")`` after ``"ops"`` puts back the very region
+    objects, with the same generated code, that were there before. Numerics are the same either way
+    (the op's CPU kernel is the canonical composite); what changes is that each site is one opaque op
+    node in compiled graphs. No ``forward`` is ever assigned on a module.
+
+    Returns the number of sites that call the chosen implementation.
+    """
+    from lorafx.canonical import SITE_IMPLEMENTATIONS
+    from lorafx.passes.lower_to_ops import lower_to_ops
+
+    data = state.get(model)
+    chosen = resolve(kernels, model)
+    if chosen != data.kernels:
+        _undo(model, data.kernel_undo)
+        data.kernel_undo.clear()
+        data.kernels = chosen
+    target = SITE_IMPLEMENTATIONS[chosen]
+    swaps = []
+    for fqn, region in [(n, m) for n, m in model.named_modules() if is_region(m)]:
+        if fqn == "":
+            changed = _retarget_root(region, target)
+            if changed:
+                data.kernel_undo.append(_Retargeted(changed))
+            continue
+        result = lower_to_ops(region, chosen)
+        if result.modified:
+            swaps.append((fqn, result.graph_module))
+            data.kernel_undo.append(_Swapped(fqn, region, result.graph_module))
+    _swap(model, swaps)
+    return sum(n.target is target for m in model.modules() if is_region(m) for n in m.graph.nodes)
+
+
+def _swap(model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
+    # the undo is kept as _Swapped records (see above), not as swap_regions' closures
+    swap_regions(model, regions, [])
+
+
+def _retarget_root(gm: nn.Module, target: Callable) -> dict[str, Callable]:
+    from lorafx.canonical import is_site_call
+
+    changed = {}
+    for node in gm.graph.nodes:
+        if is_site_call(node) and node.target is not target:
+            changed[node.name] = node.target
+            node.target = target
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _undo(model: nn.Module, records: list) -> None:
+    """Undo ``records``, last first. A swap is undone only where its copy still stands (a later
+    ``lorafx.apply`` may have replaced the region; its new region is then left as it is)."""
+    for rec in reversed(records):
+        if isinstance(rec, _Retargeted):
+            nodes = {n.name: n for n in model.graph.nodes} if isinstance(model, torch.fx.GraphModule) else {}
+            for name, fn in rec.targets.items():
+                if name in nodes:
+                    nodes[name].target = fn
+            if nodes:
+                model.recompile()
+        elif _at(model, rec.fqn) is rec.lowered:
+            _swap(model, [(rec.fqn, rec.original)])
+
+
+def _at(model: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
 
 
 def _attach_missing(model: nn.Module) -> None:

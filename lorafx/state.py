@@ -29,10 +29,14 @@ _SEP = "__"  # shared key: "<adapter name>__<variant>"; variant names never cont
 
 @dataclass
 class AdapterState:
-    """What lorafx knows about a model: adapter name -> Spec (in apply order) and the active name."""
+    """What lorafx knows about a model: adapter name -> Spec (in apply order), the active name, and the
+    kernel choice its sites call (``kernels``) with the records that undo it (``kernel_undo``, written
+    and read by :func:`lorafx.compiler.use_kernels` only)."""
 
     specs: dict = field(default_factory=dict)
     active: str | None = None
+    kernels: str = "composite"
+    kernel_undo: list = field(default_factory=list)
 
 
 def find(model: nn.Module) -> AdapterState | None:

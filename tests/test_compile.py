@@ -14,7 +14,6 @@ from torch.testing import FileCheck
 from variant_cases import example_configs
 
 import lorafx
-import lorafx.kernels.lowering
 from lorafx.cli.models import tiny_llama
 
 CONFIGS = example_configs()
@@ -160,7 +159,8 @@ def test_compile_rejects_bad_input():
 
 
 def test_op_path_compiles_with_inductor_and_switches_without_recompiling():
-    """kernels="triton" lowers every site to torch.ops.lorafx.lora_linear (the composite on CPU)."""
+    """kernels="triton" (the old name of "ops") lowers every site to torch.ops.lorafx.lora_linear (the
+    composite on CPU)."""
     model = _adapted(CONFIGS["lora"])
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
     compiled = lorafx.compile(model, kernels="triton", fuse_shrinks=True)
@@ -174,7 +174,7 @@ def test_op_path_compiles_with_inductor_and_switches_without_recompiling():
             for name in ("b", "a", "b"):
                 lorafx.set_adapter(model, name)
                 assert_close(compiled(ids).logits, model(ids).logits)
-    lorafx.kernels.lowering.use_kernels(model, "reference")  # and back: same numbers
+    lorafx.use_kernels(model, "reference")  # and back: same numbers (the old names are aliases)
     with torch.no_grad():
         assert_close(compiled(ids).logits, model(ids).logits)
 
@@ -205,7 +205,7 @@ def test_torch_export_keeps_one_lorafx_op_per_site(variant):
     """torch.export (the front-end of torch.compile's AOT path and of the ONNX exporter) on the op path:
     every site is one ``lorafx::lora_linear`` node, and the exported program equals eager."""
     model = _adapted(CONFIGS[variant], names=("a",)).eval()
-    lorafx.kernels.lowering.use_kernels(model, "triton")
+    lorafx.use_kernels(model, "ops")
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
     ep = torch.export.export(model, (ids,))
     calls = [n for n in ep.graph.nodes if n.target is torch.ops.lorafx.lora_linear.default]
@@ -224,3 +224,68 @@ def test_dynamic_sequence_lengths_compile_once(variant):
             ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
             assert_close(compiled(ids).logits, model(ids).logits, msg=f"length {length}")
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def _region_codes(model):
+    from lorafx.regions import is_region
+
+    return {name: (m, m.code) for name, m in model.named_modules() if is_region(m)}
+
+
+def _root_region_model():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    return lorafx.apply(mlp, lorafx.Spec(lorafx.LoRA(r=2, init="random"), targets="all-linear"))
+
+
+@pytest.mark.parametrize("kind", ["regions", "whole-model region"])
+def test_use_kernels_composite_undoes_ops_exactly(kind):
+    """compile(kernels="ops") swaps lowered copies in (or, for a whole-model region, retargets its nodes
+    through a recorded undo); use_kernels(model, "composite") puts back the same objects and code."""
+    from lorafx.canonical import lora_linear
+    from lorafx.kernels.site import op_lora_linear
+
+    model = _adapted(CONFIGS["lora"]) if kind == "regions" else _root_region_model()
+    x = torch.randint(0, 64, (2, 5)) if kind == "regions" else torch.randn(3, 8)
+    before = _region_codes(model)
+    assert (kind == "whole-model region") == ("" in before)
+    with torch.no_grad():
+        want = _tensor_out(model(x))
+        compiled = lorafx.compile(model, kernels="ops")
+        assert_close(_tensor_out(compiled(x)), want)
+    during = _region_codes(model)
+    targets = [n.target for m, _ in during.values() for n in m.graph.nodes if n.op == "call_function"]
+    assert op_lora_linear in targets and lora_linear not in targets
+    for name, (m, code) in before.items():
+        if name:  # swapped out, never edited: the original objects keep their code
+            assert m.code == code and during[name][0] is not m
+    assert lorafx.use_kernels(model, "composite") == len(lorafx.iter_sites(model))
+    after = _region_codes(model)
+    assert sorted(after) == sorted(before)
+    for name, (m, code) in before.items():
+        assert after[name][0] is m and after[name][1] == code, name
+    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    with torch.no_grad():
+        assert_close(_tensor_out(model(x)), want)
+
+
+def test_use_kernels_is_idempotent_and_deepcopy_keeps_its_own_undo():
+    import copy
+
+    model = _adapted(CONFIGS["lora"], names=("a",))
+    before = _region_codes(model)
+    lorafx.use_kernels(model, "ops")
+    lowered = _region_codes(model)
+    lorafx.use_kernels(model, "triton")  # an alias of the current choice: nothing is swapped again
+    assert all(_region_codes(model)[k][0] is m for k, (m, _) in lowered.items())
+    twin = copy.deepcopy(model)
+    lorafx.use_kernels(twin, "composite")  # undoes the twin's own swaps, not the model's
+    assert all(_region_codes(model)[k][0] is m for k, (m, _) in lowered.items())
+    assert all(_region_codes(twin)[k][1] == code for k, (_, code) in before.items())
+    assert lorafx.compiler.resolve("auto", model) == "composite"  # CPU model: no Triton
+    lorafx.use_kernels(model, "auto")
+    assert all(_region_codes(model)[k][0] is m for k, (m, _) in before.items())
+
+
+def _tensor_out(out):
+    return out if isinstance(out, torch.Tensor) else out.logits

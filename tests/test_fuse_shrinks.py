@@ -1,6 +1,6 @@
 """Sibling shrink fusion on Dynamo's whole-model graph: q/k/v and gate/up each become one shrink.
 
-Reference: the unfused eager model (reference composite). The graph is checked for what the pass
+Reference: the unfused eager model (the canonical composite). The graph is checked for what the pass
 promises (op counts), and values and adapter gradients must match."""
 
 import pytest
@@ -33,7 +33,7 @@ def test_fused_graph_has_one_shrink_per_sibling_group():
         graphs.append(gm)
         return gm.forward
 
-    compiled = lorafx.compile(model, kernels="triton", fuse_shrinks=True, backend=fusing_backend(capture))
+    compiled = lorafx.compile(model, kernels="ops", fuse_shrinks=True, backend=fusing_backend(capture))
     got = compiled(ids).logits
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.lorafx.lora_expand.default) == 5  # q, k, v, gate, up
@@ -48,4 +48,4 @@ def test_fused_graph_has_one_shrink_per_sibling_group():
 
 def test_fuse_shrinks_needs_op_lowering():
     with pytest.raises(lorafx.SpecError, match="fuse_shrinks"):
-        lorafx.compile(_model(), kernels="reference", fuse_shrinks=True)
+        lorafx.compile(_model(), kernels="composite", fuse_shrinks=True)

@@ -5,7 +5,10 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from lorafx.kernels import ops
+from lorafx.kernels.celora_input_grad import celora_input_grad
+from lorafx.kernels.lora_expand import lora_expand
+from lorafx.kernels.lora_linear import lora_linear, lora_linear_backward
+from lorafx.kernels.lora_linear_multi import lora_linear_multi, lora_linear_multi_backward
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -39,7 +42,7 @@ def _dense(x, W, b, A, B, s, g, x_in):
 @pytest.mark.parametrize("dropout", [False, True])
 def test_lora_linear_values_and_grads(gate, dropout):
     args = _operands(gate=gate, dropout=dropout)
-    y = ops.lora_linear(*args)
+    y = lora_linear(*args)
     assert_close(y, _dense(*args), torch.float64)
     leaves = [t for t in args if t is not None and t.requires_grad]
     got = torch.autograd.grad(y.square().sum(), leaves)
@@ -50,24 +53,24 @@ def test_lora_linear_values_and_grads(gate, dropout):
 
 @pytest.mark.parametrize("gate", [False, True])
 def test_opcheck_lora_linear(gate):
-    torch.library.opcheck(ops.lora_linear, _operands(gate=gate, dtype=torch.float32), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(lora_linear, _operands(gate=gate, dtype=torch.float32), test_utils=OPCHECK_TESTS)
     torch.library.opcheck(
-        ops.lora_linear, _operands(gate=gate, dropout=True, dtype=torch.float32), test_utils=OPCHECK_TESTS
+        lora_linear, _operands(gate=gate, dropout=True, dtype=torch.float32), test_utils=OPCHECK_TESTS
     )
 
 
 def test_expand_matches_linear_and_opchecks():
     x, W, b, A, B, s, g, _ = _operands()
     h = (x @ A.T).detach().requires_grad_()
-    assert_close(ops.lora_expand(x, W, b, h, B, s, g), ops.lora_linear(x, W, b, A, B, s, g), torch.float64)
-    torch.library.opcheck(ops.lora_expand, (x, W, b, h, B, s, g), test_utils=OPCHECK_TESTS)
-    torch.autograd.gradcheck(ops.lora_expand, (x, W, b, h, B, s, g))
+    assert_close(lora_expand(x, W, b, h, B, s, g), lora_linear(x, W, b, A, B, s, g), torch.float64)
+    torch.library.opcheck(lora_expand, (x, W, b, h, B, s, g), test_utils=OPCHECK_TESTS)
+    torch.autograd.gradcheck(lora_expand, (x, W, b, h, B, s, g))
 
 
 def test_gradcheck_with_trainable_base_and_scale():
     x, W, b, A, B, s, g, x_in = _operands(T=4, d_in=5, d_out=3, r=2, dropout=True)
     W, b, s = W.requires_grad_(), b.requires_grad_(), s.requires_grad_()
-    torch.autograd.gradcheck(ops.lora_linear, (x, W, b, A, B, s, g, x_in))
+    torch.autograd.gradcheck(lora_linear, (x, W, b, A, B, s, g, x_in))
 
 
 def _multi_operands(dtype=torch.float64, rows=(3, 0, 5, 1)):
@@ -86,7 +89,7 @@ def _multi_operands(dtype=torch.float64, rows=(3, 0, 5, 1)):
 
 def test_multi_adapter_matches_per_row_loop():
     x, W, b, A, B, s, idx = _multi_operands()
-    y = ops.lora_linear_multi(x, W, b, A, B, s, idx)
+    y = lora_linear_multi(x, W, b, A, B, s, idx)
     rows = []
     for t in range(len(idx)):  # independent formula: one row at a time, dense ΔW
         i = int(idx[t])
@@ -101,13 +104,11 @@ def test_multi_adapter_matches_per_row_loop():
 
 
 def test_opcheck_multi():
-    torch.library.opcheck(ops.lora_linear_multi, _multi_operands(torch.float32), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(lora_linear_multi, _multi_operands(torch.float32), test_utils=OPCHECK_TESTS)
     x, W, b, A, B, s, idx = (t.detach() for t in _multi_operands(torch.float32))
     dy = torch.randn(x.shape[0], W.shape[0])
     for need_dx in (True, False):
-        torch.library.opcheck(
-            ops.lora_linear_multi_backward, (dy, x, W, A, B, s, idx, need_dx), test_utils=OPCHECK_TESTS
-        )
+        torch.library.opcheck(lora_linear_multi_backward, (dy, x, W, A, B, s, idx, need_dx), test_utils=OPCHECK_TESTS)
 
 
 def test_multi_adapter_training_compiles_with_data_dependent_row_counts():
@@ -116,11 +117,11 @@ def test_multi_adapter_training_compiles_with_data_dependent_row_counts():
 
     x, W, b, A, B, s, _ = _multi_operands(torch.float32)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: ops.lora_linear_multi(*a).square().sum(), fullgraph=True)
+    compiled = torch.compile(lambda *a: lora_linear_multi(*a).square().sum(), fullgraph=True)
     for seed in range(3):  # different assignments of the 9 rows to adapters, same shapes
         idx = torch.randint(-1, 3, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
         got = torch.autograd.grad(compiled(x, W, b, A, B, s, idx), (x, A, B))
-        want = torch.autograd.grad(ops.lora_linear_multi(x, W, b, A, B, s, idx).square().sum(), (x, A, B))
+        want = torch.autograd.grad(lora_linear_multi(x, W, b, A, B, s, idx).square().sum(), (x, A, B))
         for a, w in zip(got, want, strict=True):
             assert_close(a, w)
     torch._dynamo.reset()
@@ -133,7 +134,7 @@ def test_opcheck_backward_op(gate, dropout):
         t.detach() if t is not None else None for t in _operands(gate=gate, dropout=dropout, dtype=torch.float32)
     )
     dy = torch.randn(*x.shape[:-1], W.shape[0])
-    torch.library.opcheck(ops.lora_linear_backward, (dy, x, W, A, B, s, g, x_in, gate), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(lora_linear_backward, (dy, x, W, A, B, s, g, x_in, gate), test_utils=OPCHECK_TESTS)
 
 
 def test_ops_and_passes_import_without_triton_on_cpu():
@@ -141,7 +142,7 @@ def test_ops_and_passes_import_without_triton_on_cpu():
     import sys
 
     code = (
-        "import sys, lorafx, lorafx.kernels.ops, lorafx.kernels.lowering, lorafx.passes.fuse_shrinks\n"
+        "import sys, lorafx, lorafx.kernels, lorafx.passes.lower_to_ops, lorafx.passes.fuse_shrinks\n"
         "print(sorted(m for m in ('triton', 'onnx', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -160,7 +161,7 @@ def test_celora_input_grad_op_matches_the_paper_formula_and_opchecks():
         torch.randn(r0, d_in, generator=g, dtype=torch.float64),
     )
     index = torch.randperm(d_out, generator=g)[:k].sort().values
-    got = ops.celora_input_grad(G, W, B0, A0, index)
+    got = celora_input_grad(G, W, B0, A0, index)
     res = W - B0 @ A0
     # the paper's form, (G B0) A0 + G[:, I]·Res[I, :], written out here
     assert_close(got, (G @ B0) @ A0 + G[:, index] @ res[index], torch.float64)
@@ -168,7 +169,7 @@ def test_celora_input_grad_op_matches_the_paper_formula_and_opchecks():
     dropped[index] = False
     assert_close(got, G @ W - G[:, dropped] @ res[dropped], torch.float64)  # exact minus the dropped terms
     everything = torch.arange(d_out)
-    assert_close(ops.celora_input_grad(G, W, B0, A0, everything), G @ W, torch.float64)  # k = d_out: exact
+    assert_close(celora_input_grad(G, W, B0, A0, everything), G @ W, torch.float64)  # k = d_out: exact
     torch.library.opcheck(
-        ops.celora_input_grad, (G.float(), W.float(), B0.float(), A0.float(), index), test_utils=OPCHECK_TESTS
+        celora_input_grad, (G.float(), W.float(), B0.float(), A0.float(), index), test_utils=OPCHECK_TESTS
     )

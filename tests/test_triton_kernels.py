@@ -2,7 +2,8 @@
 
 ``TRITON_INTERPRET=1`` must be set before ``import triton`` and must not leak into other tests, so a
 normal run executes this file again in a subprocess with the variable set; the tests below only run
-there. Reference: the ``lorafx::`` composites (:mod:`lorafx.kernels.ops`) in float64 / the same dtype.
+there. Reference: the ``lorafx::`` ops' composites (:mod:`lorafx.kernels`, the canonical evaluator) in
+float64 / the same dtype.
 """
 
 import os
@@ -40,7 +41,8 @@ def test_kernels_under_the_triton_interpreter():
 if INTERPRETED:
     from tolerances import assert_close
 
-    from lorafx.kernels import ops, triton_lora
+    from lorafx.kernels import celora_input_grad, lora_expand, lora_linear, lora_linear_multi
+    from lorafx.kernels._triton import launchers
 
     # fp16: inputs rounded to fp16, fp32 accumulation in both; the reference rounds h·B once more.
     KERNEL_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
@@ -61,8 +63,8 @@ if INTERPRETED:
     def test_forward_matches_reference(shape, r, dtype):
         for gate in (False, True):
             args = _data(*shape, r, dtype, gate, bias=gate)
-            want = ops._expand_ref(*args[:3], ops._shrink(args[0], args[3]), *args[4:])
-            assert_close(triton_lora.lora_linear(*args), want, **KERNEL_TOL[dtype])
+            want = lora_linear.lora_linear(*args)  # the CPU composite: canonical shrink, then expand
+            assert_close(launchers.lora_linear(*args), want, **KERNEL_TOL[dtype])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     @pytest.mark.parametrize("r", [1, 16, 64])
@@ -71,8 +73,8 @@ if INTERPRETED:
         x, W, b, A, B, s, g = _data(37, 23, 33, r, dtype, gate=True, seed=r)
         x_in = (x * 0.5) if dropout else None
         dy = torch.randn(37, 33, generator=torch.Generator().manual_seed(5)).to(dtype)
-        got = triton_lora.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
-        want = ops.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
+        got = launchers.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
+        want = lora_linear.lora_linear_backward(dy, x, W, A, B, s, g, x_in, True)
         for name, a, w in zip(("dx", "d_xin", "dA", "dB", "dg"), got, want, strict=True):
             assert a.shape == w.shape and a.dtype == w.dtype, name
             assert_close(a.float(), w.float(), **KERNEL_TOL[dtype], msg=name)
@@ -81,8 +83,8 @@ if INTERPRETED:
         x, W, b, A, B, s, g = _data(21, 18, 35, 8, torch.float32, gate=True)
         h = x @ A.T
         assert_close(
-            triton_lora.lora_expand(x, W, b, h, B, s, g),
-            ops.lora_expand(x, W, b, h, B, s, g),
+            launchers.lora_expand(x, W, b, h, B, s, g),
+            lora_expand.lora_expand(x, W, b, h, B, s, g),
             **KERNEL_TOL[torch.float32],
         )
 
@@ -92,21 +94,21 @@ if INTERPRETED:
         gen = torch.Generator().manual_seed(3)
         n, r, K, N = 4, 8, 21, 27
         idx = torch.tensor([0] * 5 + [1] * 1 + [3] * 23 + [-1] * 4)[torch.randperm(33, generator=gen)]
-        seg = triton_lora.segments(idx, n)
+        seg = launchers.segments(idx, n)
         assert seg.counts.tolist() == [5, 1, 0, 23, 4] and seg.starts.tolist() == [0, 5, 6, 6, 29]
         x = torch.randn(33, K, generator=gen).to(dtype)
         W, b = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype), torch.randn(N, generator=gen).to(dtype)
         A, B = torch.randn(n, r, K, generator=gen) / K**0.5, torch.randn(n, N, r, generator=gen) / r**0.5
         s = torch.tensor([0.5, 2.0, 1.0, 1.5])
         assert_close(
-            triton_lora.lora_linear_multi(x, W, b, A, B, s, idx),
-            ops.lora_linear_multi(x, W, b, A, B, s, idx),
+            launchers.lora_linear_multi(x, W, b, A, B, s, idx),
+            lora_linear_multi.lora_linear_multi(x, W, b, A, B, s, idx),
             **KERNEL_TOL[dtype],
         )
         dy = torch.randn(33, N, generator=gen).to(dtype)
         xr = x.float().requires_grad_()
-        ops.lora_linear_multi(xr, W.float(), b.float(), A, B, s, idx).backward(dy.float())
-        assert_close(triton_lora.lora_linear_multi_dx(dy, W, A, B, s, idx).float(), xr.grad, **KERNEL_TOL[dtype])
+        lora_linear_multi.lora_linear_multi(xr, W.float(), b.float(), A, B, s, idx).backward(dy.float())
+        assert_close(launchers.lora_linear_multi_dx(dy, W, A, B, s, idx).float(), xr.grad, **KERNEL_TOL[dtype])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     @pytest.mark.parametrize("shape", [(37, 33, 23, 7, 14), (5, 19, 40, 1, 3), (17, 48, 20, 16, 47)])
@@ -117,8 +119,8 @@ if INTERPRETED:
         G, W = torch.randn(T, d_out, generator=gen).to(dtype), (torch.randn(d_out, d_in, generator=gen) / 4).to(dtype)
         B0, A0 = torch.randn(d_out, r0, generator=gen).to(dtype), torch.randn(r0, d_in, generator=gen).to(dtype)
         index = torch.randperm(d_out, generator=gen)[:k].sort().values
-        got = triton_lora.celora_input_grad(G, W, B0, A0, index)
-        want = ops.celora_input_grad(*(t.double() for t in (G, W, B0, A0)), index)
+        got = launchers.celora_input_grad(G, W, B0, A0, index)
+        want = celora_input_grad.celora_input_grad(*(t.double() for t in (G, W, B0, A0)), index)
         assert got.dtype == dtype
         assert_close(got.double(), want, **KERNEL_TOL[dtype])
 
@@ -144,7 +146,7 @@ if INTERPRETED:
     def lora_linear_interp(
         x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor
     ) -> torch.Tensor:
-        return triton_lora.lora_linear(x, W, b, A, B, s)
+        return launchers.lora_linear(x, W, b, A, B, s)
 
     @lora_linear_interp.register_fake
     def _(x, W, b, A, B, s):
@@ -183,13 +185,11 @@ if INTERPRETED:
 
     def test_triton_op_runs_the_kernels_with_the_op_autograd():
         """``lorafx::lora_linear_triton`` (the inductor-visible form on GPU), eagerly on CPU tensors."""
-        from lorafx.kernels import ops as ops_module
-
-        triton_lora.register_cuda_kernels(ops_module)  # what ops does at import on a CUDA machine
+        lora_linear.register_triton()  # what lorafx.kernels.lora_linear does at import on a CUDA machine
         x, W, b, A, B, s, g = _data(19, 21, 23, 8, torch.float32, gate=True)
         x, A, B = x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
         y = torch.ops.lorafx.lora_linear_triton(x, W, b, A, B, s, g)
-        want = ops.lora_linear(x, W, b, A, B, s, g)
+        want = lora_linear.lora_linear(x, W, b, A, B, s, g)
         assert_close(y, want, **KERNEL_TOL[torch.float32])
         dy = torch.randn_like(y)
         for a, w in zip(torch.autograd.grad(y, (x, A, B), dy), torch.autograd.grad(want, (x, A, B), dy), strict=True):

@@ -1,6 +1,20 @@
-"""The ``lorafx::`` op family for the canonical form (:mod:`lorafx.canonical` is their CPU composite).
+"""The ``lorafx::`` op family for the canonical form; :mod:`lorafx.canonical` is their CPU composite.
 
-Importing this package does not import triton. ``lorafx.kernels.ops`` registers the ``lorafx::`` op
-family (and, on CUDA with triton installed, the Triton kernels of ``lorafx.kernels.triton_lora``);
-``lorafx.kernels.lowering.use_kernels`` points rewritten sites at it.
+One op family per file, each registering its schema, fake kernel, autograd and (on CUDA with triton
+installed) its Triton kernels:
+
+* :mod:`~lorafx.kernels.lora_linear`: ``lorafx::lora_linear`` and ``lorafx::lora_linear_backward``;
+* :mod:`~lorafx.kernels.lora_expand`: ``lorafx::lora_expand`` (a site with a precomputed shrink);
+* :mod:`~lorafx.kernels.lora_linear_multi`: ``lorafx::lora_linear_multi`` and its backward op;
+* :mod:`~lorafx.kernels.celora_input_grad`: ``lorafx::celora_input_grad``;
+* :mod:`~lorafx.kernels.site`: the ``"ops"`` site implementation (a site as one op node).
+
+The Triton kernels and launchers live in the private ``lorafx.kernels._triton``, the only importer
+of triton in lorafx; it is imported only where CUDA is available. Importing this package registers
+the ops (cheap: torch.library only) and never imports triton on a CPU machine.
 """
+
+from lorafx.kernels import celora_input_grad, lora_expand, lora_linear, lora_linear_multi, site
+from lorafx.kernels._common import triton_on_cuda
+
+__all__ = ["celora_input_grad", "lora_expand", "lora_linear", "lora_linear_multi", "site", "triton_on_cuda"]

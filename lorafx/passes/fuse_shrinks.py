@@ -3,7 +3,8 @@
 In a whole-model graph (Dynamo's, under :func:`lorafx.compile`), q/k/v read the same normed hidden
 state and gate/up the same MLP input. Each ``lorafx::lora_linear`` computes its own shrink
 ``x Aᵢᵀ`` (``[T, rᵢ]``): three thin matmuls that each re-read ``x``. This pass rewrites a group of
-``lora_linear`` nodes sharing their adapter input into::
+``lora_linear`` nodes (the ``"ops"`` site implementation, :mod:`lorafx.passes.lower_to_ops`) sharing
+their adapter input into::
 
     h   = linear(x_in, cat([A₁, A₂, A₃]))       # one [T, Σrᵢ] shrink, x read once
     hᵢ  = narrow(h, -1, offsetᵢ, rᵢ)
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from lorafx.kernels import ops  # noqa: F401  (registers torch.ops.lorafx)
+import lorafx.kernels  # registers torch.ops.lorafx
 
 _ARGS = ("x", "W", "b", "A", "B", "s", "g", "x_in")
 
@@ -37,11 +38,21 @@ def _meta(arg):
     return arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, fx.Node) else None
 
 
+def _site_ops() -> tuple:
+    """The op overloads an op-lowered site calls: ``lorafx::lora_linear``, and on CUDA with triton
+    its ``triton_op`` twin ``lorafx::lora_linear_triton`` (same schema, same operands)."""
+    twin = lorafx.kernels.lora_linear.cuda_op()
+    if twin is lorafx.kernels.lora_linear.lora_linear:
+        return (torch.ops.lorafx.lora_linear.default,)
+    return (torch.ops.lorafx.lora_linear.default, torch.ops.lorafx.lora_linear_triton.default)
+
+
 def _groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, dict]]]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_input = defaultdict(list)
+    site_ops = _site_ops()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.lorafx.lora_linear.default:
+        if node.op == "call_function" and node.target in site_ops:
             ops_ = _operands(node)
             A = _meta(ops_["A"])
             if A is None:

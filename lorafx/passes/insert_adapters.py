@@ -58,15 +58,25 @@ def carry_hooks(source: nn.Module, target: nn.Module) -> None:
 
 
 def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``graph`` that shares ``gm``'s submodules and parameters."""
+    """A new GraphModule over a copy of ``graph`` with ``gm``'s module tree: the same children,
+    parameters and buffers (shared, never copied), training flag, hooks and lorafx state record.
+
+    ``fx.GraphModule(gm, graph)`` alone copies only what the graph references, rebuilding the path to
+    each as plain modules: a region's ``lorafx`` ModuleDict became a bare Module holding only the
+    called sites, and its training flags were reset.
+    """
     new_graph = fx.Graph()
     out = new_graph.graph_copy(graph, {})
     new_graph.output(out)
     new = fx.GraphModule(gm, new_graph, class_name=class_name)
-    # A fresh module is in training mode: the copy takes the original's flag, for itself only (its
-    # children are the original's own modules, shared, and keep theirs).
+    new._modules.update(gm._modules)
+    new._parameters.update(gm._parameters)
+    new._buffers.update(gm._buffers)
+    new._non_persistent_buffers_set |= gm._non_persistent_buffers_set
     new.training = gm.training
     carry_hooks(gm, new)
+    if "_lorafx" in gm.__dict__:  # a whole-model region carries the model's adapter state (lorafx.state)
+        new.__dict__["_lorafx"] = gm.__dict__["_lorafx"]
     return new
 
 

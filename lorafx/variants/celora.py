@@ -126,7 +126,7 @@ class _CEBaseLinear(torch.autograd.Function):
             if index.numel() == 0:  # before the first selection: exact, as in the paper's first step
                 gx = G @ weight
             else:
-                from lorafx.kernels.ops import celora_input_grad  # registers lorafx:: ops on first use
+                from lorafx.kernels.celora_input_grad import celora_input_grad  # registers the op on first use
 
                 gx = celora_input_grad(G, weight, svd_B0, svd_A0, index)
         if ctx.needs_input_grad[1]:
