@@ -7,17 +7,27 @@ the functions that need them (install ``lorafx[onnx]``).
   adapter files beside the model) or ``multi`` (K stacked adapters + per-row ``adapter_ids``).
 * :class:`AdapterSession` — one onnxruntime session, many adapters, per-row adapters in a batch.
 * :func:`check_onnx` — export, run onnxruntime, return the max abs difference against eager.
+
+Export traces copies of the rewritten regions (:mod:`lorafx.passes.feed_adapters`) swapped in for
+the trace only, so it works whatever the live sites call (e.g. after ``lorafx.compile``).
 """
 
 from lorafx.export.check import check_onnx, compare_export
 from lorafx.export.exporter import MODES, ExportResult, to_onnx
+from lorafx.export.inputs import ExampleInputs
+from lorafx.export.modes import Merged, Mode, Multi, Unmerged
 from lorafx.export.session import AdapterSession
 from lorafx.export.tensors import form_of, lower_from, site_tensors
 
 __all__ = [
     "MODES",
     "AdapterSession",
+    "ExampleInputs",
     "ExportResult",
+    "Merged",
+    "Mode",
+    "Multi",
+    "Unmerged",
     "check_onnx",
     "compare_export",
     "form_of",

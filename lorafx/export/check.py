@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lorafx import state
-from lorafx.export.exporter import _flatten_output, _normalise_inputs, to_onnx
-from lorafx.export.patch import eval_mode
-from lorafx.state import iter_sites, set_adapter
+from lorafx.export.exporter import to_onnx
+from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.state import eval_mode, iter_sites, set_adapter
 
 
 def check_onnx(model: nn.Module, example_inputs, mode: str = "merged", adapters: list[str] | None = None) -> float:
@@ -33,28 +33,28 @@ def compare_export(model: nn.Module, example_inputs, directory) -> float:
     """Max abs difference between the export in ``directory`` (run by onnxruntime) and eager ``model``."""
     from lorafx.export.session import AdapterSession
 
-    keys, values, as_kwargs = _normalise_inputs(example_inputs)
+    inputs = ExampleInputs.of(example_inputs)
     sess = AdapterSession(directory)
-    feed = dict(zip(keys, values, strict=False))
+    feed = inputs.feed()
     if sess.mode == "merged":
-        return _diff(sess.run(feed), _eager(model, keys, values, as_kwargs, None, keep=True))
+        return _diff(sess.run(feed), _eager(model, inputs, None, keep=True))
     names = list(sess.manifest["adapters"])
     if sess.mode == "unmerged":
-        return max(_diff(sess.run(feed, adapter=n), _eager(model, keys, values, as_kwargs, n)) for n in names)
-    rows = [names[i % len(names)] for i in range(values[0].shape[0])]
+        return max(_diff(sess.run(feed, adapter=n), _eager(model, inputs, n)) for n in names)
+    rows = [names[i % len(names)] for i in range(inputs.batch)]
     got = sess.run(feed, adapter=rows)
     worst = 0.0
     for n in names:
         idx = [i for i, r in enumerate(rows) if r == n]
         if not idx:
             continue  # more slots than rows
-        want = _eager(model, keys, values, as_kwargs, n)
+        want = _eager(model, inputs, n)
         worst = max(worst, _diff({k: v[idx] for k, v in got.items()}, {k: v[idx] for k, v in want.items()}))
     return worst
 
 
 @torch.no_grad()
-def _eager(model, keys, values, as_kwargs, name, keep: bool = False) -> dict[str, np.ndarray]:
+def _eager(model: nn.Module, inputs: ExampleInputs, name, keep: bool = False) -> dict[str, np.ndarray]:
     """Eager outputs with adapter ``name`` active (``keep``: as the model is now); activity restored."""
     data = state.find(model)
     previous = data.active if data is not None else None
@@ -62,11 +62,11 @@ def _eager(model, keys, values, as_kwargs, name, keep: bool = False) -> dict[str
         set_adapter(model, name)
     try:
         with eval_mode(model):
-            out = model(**dict(zip(keys, values, strict=False))) if as_kwargs else model(*values)
+            out = inputs.call(model)
     finally:
         if not keep and data is not None and not any(sa.merged for sa in iter_sites(model).values()):
             set_adapter(model, previous)
-    names, tensors = _flatten_output(out)
+    names, tensors = flatten_output(out)
     return {n: t.numpy() for n, t in zip(names, tensors, strict=False)}
 
 

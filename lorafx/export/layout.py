@@ -7,14 +7,14 @@ lower rank is zero-padded to the exported shape, and a site the adapter does not
 with scale 0 (the base output, exactly).
 
 Adapter files written beside an export (``adapters/<name>/``) hold the unpadded feed tensors, keyed
-by input name; lorafx's own adapter directories (:func:`lorafx.save_adapter`) are read by rebuilding
-the adapters from their spec and site shapes (no model needed) and taking :func:`site_tensors`.
+by input name; lorafx's own adapter directories (:func:`lorafx.save_adapter`) are read by building their adapters
+the way :func:`lorafx.load_adapter` does, on a stand-in model made from the file's site shapes (no
+real model needed), and taking :func:`site_tensors`.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,38 +146,43 @@ def read_any_adapter(directory: str | Path) -> tuple[str, dict[str, torch.Tensor
 
 
 def _from_lorafx_dir(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """Rebuild the adapters a lorafx adapter dir describes from its spec and site shapes, then load it."""
-    from lorafx.adapter_files import WEIGHTS, _state, check_state, read_adapter_dir
+    """Build the adapters a lorafx adapter dir describes as :func:`lorafx.load_adapter` does (plan and
+    build off a model, strict load), on a stand-in model made from the file's site shapes."""
+    from lorafx.adapter_files import WEIGHTS, load_prepared, read_adapter_dir
+    from lorafx.apply import prepare
     from lorafx.spec import Spec
 
     meta, state = read_adapter_dir(directory)
     name = meta.get("name", "default")
     try:
-        spec = Spec.from_dict(meta["spec"])
-        sites = meta["base"]["sites"]
-        adapters = {fqn: spec.config_for(fqn)[0].make_adapter(d_in, d_out, fqn) for fqn, (d_out, d_in) in sites.items()}
+        prep = prepare(_shape_model(meta["base"]["sites"]), Spec.from_dict(meta["spec"]), name)
     except (KeyError, TypeError, ValueError, SpecError) as e:
         raise AdapterFileError(
             f"{directory}: cannot rebuild the adapter from its JSON ({type(e).__name__}: {e})"
         ) from None
-    modules: dict[str, nn.Module] = dict(adapters)
-    groups = defaultdict(dict)
-    for fqn, a in adapters.items():
-        groups[type(a.config)][fqn] = a
-    for cls, group in groups.items():
-        shared = cls.finalize(group, name)
-        if shared is not None:
-            modules[f"lorafx_shared.{cls.name}"] = shared  # files key shared state by variant, not name
-    check_state(_state(modules), state, str(directory / WEIGHTS))
-    with torch.no_grad():
-        for prefix, module in modules.items():
-            own = module.state_dict()
-            module.load_state_dict(
-                {k: state[f"{prefix}.{k}"].to(v.dtype) if f"{prefix}.{k}" in state else v for k, v in own.items()},
-                strict=True,
-            )
+    scales = meta.get("scales") if meta.get("format_version", 1) >= 2 else None  # set_scale'd adapters
+    load_prepared(prep, state, str(directory / WEIGHTS), scales=scales)
     out = {}
-    for fqn, a in adapters.items():
-        a.eval()
-        out.update({f"{fqn}.{k}": v for k, v in site_tensors(a).items()})
+    for fqn, a in prep.adapters.items():
+        out.update({f"{fqn}.{k}": v for k, v in site_tensors(a.eval()).items()})
     return name, out
+
+
+def _shape_model(sites: dict[str, list[int]]) -> nn.Module:
+    """A model with an ``nn.Linear`` of shape ``[d_out, d_in]`` at each site FQN, in eval mode (as
+    the served model: no CE-LoRA SVD at build). Each weight is one zero expanded to its shape (stride
+    0), so a stand-in for a 7B model's 224 sites costs bytes, not the 26 GB of its fp32 weights."""
+    root = nn.Module()
+    for fqn, (d_out, d_in) in sites.items():
+        linear = nn.Linear(d_in, d_out, bias=False, device="meta")
+        linear.weight = nn.Parameter(torch.zeros(()).expand(d_out, d_in), requires_grad=False)
+        if fqn == "":
+            return linear.eval()  # the adapted model was a single linear
+        *parents, leaf = fqn.split(".")
+        module = root
+        for p in parents:
+            if p not in module._modules:
+                module.add_module(p, nn.Module())
+            module = getattr(module, p)
+        module.add_module(leaf, linear)
+    return root.eval()
