@@ -23,7 +23,7 @@ from lorafx import state
 from lorafx.adapter import Adapter
 from lorafx.apply import Prepared, commit, prepare
 from lorafx.errors import AdapterFileError
-from lorafx.files import read_consistent, resolve_dir, write_together
+from lorafx.files import read_consistent, read_json_object, resolve_dir, write_together
 from lorafx.plan import linear_sites
 from lorafx.spec import Spec
 
@@ -137,13 +137,8 @@ def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tenso
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "lorafx.adapter":
+    meta = read_json_object(path, AdapterFileError)
+    if meta.get("format") != "lorafx.adapter":
         raise AdapterFileError(f"{path}: not a lorafx adapter file (no 'format': 'lorafx.adapter')")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise AdapterFileError(

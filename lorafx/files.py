@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -42,6 +43,24 @@ def resolve_dir(path: str | os.PathLike, error: type[Exception], create: bool = 
         except OSError as e:
             raise error(f"{directory}: cannot create the directory ({e.strerror or e})") from None
     return directory
+
+
+def read_json_object(path: Path, error: type[Exception], missing_hint: str = "") -> dict:
+    """The JSON object in ``path``; an ``error`` naming the file for every way it can be wrong (a
+    directory, missing, unreadable, not JSON, not an object) instead of a raw OSError or TypeError."""
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise error(f"{path}: no such file{f' ({missing_hint})' if missing_hint else ''}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def sha256_file(path: Path) -> str:

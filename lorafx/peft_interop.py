@@ -24,7 +24,7 @@ from lorafx import state
 from lorafx.adapter_files import load_prepared, read_safetensors
 from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
-from lorafx.files import resolve_dir, write_together
+from lorafx.files import read_json_object, resolve_dir, write_together
 from lorafx.plan import linear_sites, select
 from lorafx.spec import Spec
 from lorafx.variants.lora import LoRA
@@ -55,18 +55,7 @@ def _peft_pattern(patterns: dict, fqn: str):
 
 def read_peft_config(directory: Path) -> dict:
     path = directory / PEFT_CONFIG
-    if path.is_dir():
-        raise AdapterFileError(f"{path}: is a directory, not a file")
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: no such file (a PEFT adapter directory holds {PEFT_CONFIG})")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterFileError(f"{path}: a PEFT config is a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(path, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}")
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA; only plain LoRA converts")
     for key, neutral in _UNSUPPORTED.items():

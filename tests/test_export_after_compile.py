@@ -16,7 +16,7 @@ import lorafx
 from lorafx.apply import swap_regions
 from lorafx.canonical import SITE_IMPLEMENTATIONS
 from lorafx.export import check_onnx
-from lorafx.models import tiny_llama, tiny_mlp
+from lorafx.cli.models import tiny_llama, tiny_mlp
 from lorafx.passes.feed_adapters import FED, FedSite, feed_adapters
 from lorafx.passes.insert_adapters import CONTAINER
 from lorafx.passes.retarget_sites import retarget_sites
