@@ -87,6 +87,25 @@ def corrupt_header(name: str):
     return smash
 
 
+def _other_save_weights(tmp: Path, d: Path) -> None:
+    """Put the tensors of another save of the same adapter beside this save's JSON."""
+    other = lorafx.save_adapter(adapted(), tmp / "other")
+    (d / "lorafx_adapter.safetensors").write_bytes((other / "lorafx_adapter.safetensors").read_bytes())
+
+
+def _save_into_a_file(tmp: Path):
+    path = tmp / "a-file"
+    path.write_text("not a directory")
+    m = adapted()
+    return (lambda: lorafx.save_adapter(m, path)), m, {"path": str(path)}
+
+
+def _poisoned(model):
+    with torch.no_grad():
+        lorafx.iter_sites(model)[Q].adapters["default"].lora_B[0, 0] = float("nan")
+    return model
+
+
 def pk(site: str, ab: str) -> str:
     return f"base_model.model.{site}.lora_{ab}.weight"
 
@@ -224,6 +243,70 @@ CASES = [
     Case(
         "adapter file: directory missing", load(lambda t: t / "nowhere"), AdapterFileError, ("nowhere", "no such file")
     ),
+    Case(
+        "adapter file: NaN/Inf tensor",
+        load(lambda t: lorafx_dir(t, tensors=lambda s: s[f"{Q}.lora_B"].fill_(float("nan")))),
+        AdapterFileError,
+        ("non-finite", f"{Q}.lora_B", "allow_nonfinite=True"),
+    ),
+    Case(
+        "adapter file: JSON and tensors from two saves",
+        load(lambda t: lorafx_dir(t, raw=lambda d: _other_save_weights(t, d))),
+        AdapterFileError,
+        ("do not belong together", "two different saves"),
+    ),
+    Case(
+        "adapter file: JSON path is a directory",
+        load(
+            lambda t: lorafx_dir(
+                t, raw=lambda d: ((d / "lorafx_adapter.json").unlink(), (d / "lorafx_adapter.json").mkdir())
+            )
+        ),
+        AdapterFileError,
+        ("lorafx_adapter.json", "is a directory"),
+    ),
+    Case(
+        "adapter file: scales not finite",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["scales"].update({Q: float("nan")}))),
+        AdapterFileError,
+        ("'scales' must be finite numbers", Q),
+    ),
+    Case(
+        'adapter file: rslora "false" (a string)',
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(rslora="false"))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "rslora must be true or false", "'false'"),
+    ),
+    Case(
+        "adapter file: alpha true",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(alpha=True))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "alpha must be a finite number", "True"),
+    ),
+    Case(
+        'adapter file: dropout "0.1" (a string)',
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"]["config"].update(dropout="0.1"))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "dropout must be a finite number", "'0.1'"),
+    ),
+    Case(
+        "adapter file: overrides not an object",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"].update(overrides=[1]))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "'overrides' must be a JSON object", "[1]"),
+    ),
+    Case(
+        "adapter file: config not an object",
+        load(lambda t: lorafx_dir(t, meta=lambda m: m["spec"].update(config="lora"))),
+        AdapterFileError,
+        ("lorafx_adapter.json", "'config' must be a JSON object", "'lora'"),
+    ),
+    Case(
+        "save into a path that is a file",
+        _save_into_a_file,
+        AdapterFileError,
+        ("{path}", "exists and is not a directory"),
+    ),
     # -- PEFT files -------------------------------------------------------------------------------
     Case(
         "PEFT file: missing key",
@@ -353,6 +436,33 @@ CASES = [
         SpecError,
         ("'default' already exists",),
     ),
+    Case(
+        "exclude entry matches nothing",
+        call(spec(targets="all-linear", exclude=["q_prj"]), llama),
+        SpecError,
+        ("exclude 'q_prj' matches no linear site",),
+    ),
+    Case(
+        "override shadowed by an earlier one",
+        call(spec(targets=["q_proj"], overrides={"q_proj": {"r": 2}, r"model\.layers\.0\..*": {"r": 3}}), llama),
+        SpecError,
+        ("never applies", "'q_proj' comes first"),
+    ),
+    Case("alpha NaN", call(lambda m: lorafx.LoRA(alpha=float("nan"))), ValueError, ("alpha must be a finite number",)),
+    Case("alpha True", call(lambda m: lorafx.LoRA(alpha=True)), ValueError, ("alpha must be a finite number", "True")),
+    Case('rslora "false"', call(lambda m: lorafx.LoRA(rslora="false")), ValueError, ("rslora must be true or false",)),
+    Case(
+        "rank above min(d_in, d_out)",
+        call(spec(config=lorafx.LoRA(r=40), targets=["q_proj"]), llama),
+        SpecError,
+        (Q, "r=40", "min(d_in, d_out) = 32"),
+    ),
+    Case(
+        "adapter name that is a module attribute",
+        call(lambda m: lorafx.apply(m, lorafx.Spec(lorafx.LoRA(r=2)), name="training"), llama),
+        SpecError,
+        ("'training' is an attribute of torch.nn.Module",),
+    ),
     # -- state changes ----------------------------------------------------------------------------
     Case(
         "set_adapter to an unknown name",
@@ -365,6 +475,18 @@ CASES = [
         call(lambda m: (lorafx.merge(m), lorafx.merge(m)), adapted),
         SpecError,
         ("'default' is already merged",),
+    ),
+    Case(
+        "merge an adapter holding NaN",
+        call(lambda m: lorafx.merge(m), lambda: _poisoned(adapted())),
+        NotMergeableError,
+        (Q, "non-finite", "NaN/Inf in the adapter"),
+    ),
+    Case(
+        "verify_merge on non-finite outputs",
+        call(lambda m: lorafx.verify_merge(m, {"inputs_embeds": torch.full((1, 3, 32), float("inf"))}), adapted),
+        NotMergeableError,
+        ("verify_merge", "non-finite"),
     ),
     Case("unmerge with nothing merged", call(lambda m: lorafx.unmerge(m), adapted), SpecError, ("nothing is merged",)),
     Case(
