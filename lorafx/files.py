@@ -3,8 +3,7 @@
 Adapter directories (lorafx and PEFT) and export directories are several files that only make sense
 together (the JSON that describes the tensors, and the tensors). :func:`write_together` writes each
 file to a temporary name beside its final one, flushes it to disk, and only then renames each into
-place (``os.replace``, atomic on POSIX), holding an exclusive lock on ``<directory>/.lorafx.lock``
-while it does, so two writers to one directory are serialised and the last one wins whole. A failure
+place (``os.replace``, atomic on POSIX), holding an exclusive lock on the directory while it does, so two writers to one directory are serialised and the last one wins whole. A failure
 before the renames leaves the previous files untouched and no temporary file behind.
 
 Readers cannot take part in the lock (``safetensors`` and ``json`` read by name), so the files carry
@@ -18,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,8 +27,6 @@ try:  # POSIX advisory locks; elsewhere writers are not serialised (the content 
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-
-LOCK = ".lorafx.lock"
 
 
 def resolve_dir(path: str | os.PathLike, error: type[Exception], create: bool = False) -> Path:
@@ -74,15 +72,17 @@ def sha256_file(path: Path) -> str:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``directory`` itself (flock on its file descriptor: Linux and
+    macOS lock directories as they lock files), so no lock file is left behind."""
     if fcntl is None:
         yield
         return
-    with open(directory / LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_together(
@@ -116,6 +116,42 @@ def write_together(
             for path in temps.values():
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, error: type[Exception], marker: str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target`` (a rename
+    when ``target`` does not exist; else the old one is renamed aside, the new one renamed in, the
+    old one deleted), on failure it is deleted and ``target`` is untouched.
+
+    ``target`` may already exist only as an earlier output of the same writer (it holds ``marker``)
+    or empty: a directory holding anything else is refused, never replaced (nothing lost).
+    """
+    if target.exists():
+        if not target.is_dir():
+            raise error(f"{target}: exists and is not a directory")
+        if any(target.iterdir()) and not (target / marker).is_file():
+            raise error(f"{target}: exists and holds other files (no {marker}); choose an empty or new directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{target.parent}: cannot create the directory ({e.strerror or e})") from None
+    token = uuid.uuid4().hex[:12]
+    stage = target.parent / f".{target.name}.tmp-{token}"
+    stage.mkdir()
+    try:
+        yield stage
+        with _locked(target.parent):
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{token}"
+                os.replace(target, old)
+                os.replace(stage, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_consistent(read: Callable[[], tuple], consistent: Callable[[tuple], bool], tries: int = 20):

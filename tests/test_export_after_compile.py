@@ -15,8 +15,8 @@ from torch import fx
 import lorafx
 from lorafx.apply import swap_regions
 from lorafx.canonical import SITE_IMPLEMENTATIONS
-from lorafx.export import check_onnx
 from lorafx.cli.models import tiny_llama, tiny_mlp
+from lorafx.export import check_onnx
 from lorafx.passes.feed_adapters import FED, FedSite, feed_adapters
 from lorafx.passes.insert_adapters import CONTAINER
 from lorafx.passes.retarget_sites import retarget_sites

@@ -55,9 +55,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     with pytest.raises(AdapterFileError, match=CONFIG):
         lorafx.save_adapter(second, tmp_path / "ad")
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir() if not p.name.startswith(".lorafx.lock")) == sorted(
-        [CONFIG, WEIGHTS]
-    )  # no temporary file left behind
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([CONFIG, WEIGHTS])  # nothing left behind
     loaded = lorafx.load_adapter(llama(), tmp_path / "ad")
     assert torch.equal(logits(loaded), logits(first))
 
@@ -277,3 +275,34 @@ def test_meta_device_then_to_empty_keeps_the_scale():
         assert float(sa.adapters["default"].scale) == 8 / 4
     x = torch.randn(3, 8)
     assert torch.equal(meta(x), ref(x))
+
+
+# -- export directories -------------------------------------------------------------------------------
+
+
+def test_failed_export_keeps_the_previous_export_and_foreign_directories_are_refused(tmp_path, monkeypatch):
+    import lorafx.export
+    from lorafx.export import exporter
+
+    model = lorafx.apply(TinyMLP(8, 8, 4), lorafx.Spec(lorafx.LoRA(r=2, init="random"), targets=["up"]))
+    x = torch.randn(2, 8)
+    first = lorafx.export.to_onnx(model, x, tmp_path / "out", mode="unmerged")
+    before = {p.name: p.read_bytes() for p in first.directory.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter crashed halfway")
+
+    monkeypatch.setattr(exporter, "_export", broken)
+    with pytest.raises(RuntimeError, match="halfway"):
+        lorafx.export.to_onnx(model, x, tmp_path / "out", mode="merged")
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert after == before  # the previous export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(lorafx.ExportError, match="holds other files"):
+        lorafx.export.to_onnx(model, x, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(lorafx.ExportError, match="writes a directory"):
+        lorafx.export.to_onnx(model, x, tmp_path / "model.onnx")

@@ -31,6 +31,7 @@ from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
+from lorafx.files import staged_directory
 from lorafx.passes.insert_adapters import CONTAINER
 from lorafx.state import eval_mode
 
@@ -91,9 +92,15 @@ def to_onnx(
     if cls not in MODE_CLASSES.values():
         raise ExportError(f"mode must be one of {list(MODES)}, got {mode!r}")
     inputs = ExampleInputs.of(example_inputs)
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    with eval_mode(model):
+    target = Path(path).expanduser()
+    if target.suffix == ".onnx" and not target.is_dir():
+        raise ExportError(
+            f"{target}: to_onnx writes a directory ({MODEL_FILE}, {MANIFEST}, adapters/); "
+            f"pass a directory, e.g. {str(target.with_suffix(''))!r}"
+        )
+    # Written into a temporary sibling and renamed into place: a failed export leaves the previous
+    # export (or nothing) in place, never a model.onnx beside another export's manifest.
+    with staged_directory(target, ExportError, MANIFEST) as directory, eval_mode(model):
         chosen = cls(model, adapters, rank)
         dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
@@ -101,9 +108,9 @@ def to_onnx(
             wrapper = _Wrapper(root, inputs, chosen)
             outs = _export(wrapper, args, [*inputs.names, *chosen.fed_names], dyn, directory, opset)
         chosen.write_adapters(directory)
-    manifest = chosen.manifest(inputs.meta(dyn), outs)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return ExportResult(directory, directory / MODEL_FILE, manifest)
+        manifest = chosen.manifest(inputs.meta(dyn), outs)
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return ExportResult(target, target / MODEL_FILE, manifest)
 
 
 def _holds_sites(module: nn.Module) -> bool:
