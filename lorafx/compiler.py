@@ -137,6 +137,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto") -> int:
 
     Returns the number of sites that call the chosen implementation.
     """
+    import lorafx.kernels  # noqa: F401  (registers the "ops" site implementation)
     from lorafx.canonical import SITE_IMPLEMENTATIONS
     from lorafx.passes.lower_to_ops import lower_to_ops
 

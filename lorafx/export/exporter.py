@@ -32,7 +32,7 @@ from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.files import staged_directory
-from lorafx.passes.insert_adapters import CONTAINER
+from lorafx.regions import is_region
 from lorafx.state import eval_mode
 
 __all__ = ["IDS", "MANIFEST", "MODEL_FILE", "MODES", "ExportResult", "run_exporter", "to_onnx"]
@@ -113,12 +113,6 @@ def to_onnx(
     return ExportResult(target, target / MODEL_FILE, manifest)
 
 
-def _holds_sites(module: nn.Module) -> bool:
-    # Not only lorafx.regions.is_region (a ModuleDict container): a copy made by retarget_sites and
-    # swapped into the live model (kernel lowering) holds its container as a plain Module.
-    return isinstance(module, fx.GraphModule) and isinstance(getattr(module, CONTAINER, None), nn.Module)
-
-
 @contextlib.contextmanager
 def region_copies(model: nn.Module, rewrite: Callable[[fx.GraphModule], fx.GraphModule]) -> Iterator[nn.Module]:
     """Every rewritten region of ``model`` replaced by ``rewrite(region)`` for the block; yields the
@@ -126,7 +120,7 @@ def region_copies(model: nn.Module, rewrite: Callable[[fx.GraphModule], fx.Graph
 
     Innermost regions first: a copy shares the submodules its original holds *when it is made*, so
     an outer region (the root above all) is copied after the regions inside it are swapped."""
-    regions = [(fqn, m) for fqn, m in model.named_modules() if _holds_sites(m)]
+    regions = [(fqn, m) for fqn, m in model.named_modules() if is_region(m)]
     root = model
     with contextlib.ExitStack() as stack:
         for fqn, gm in reversed(regions):
