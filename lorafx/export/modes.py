@@ -130,9 +130,10 @@ class Fed(Mode):
         if any(sa.merged for sa in iter_sites(model).values()):
             raise ExportError(f"mode {self.name!r} needs the adapters unmerged; call lorafx.unmerge(model) first")
         names = list(adapters) if adapters else _active_first(data)
-        unknown = [n for n in names if n not in data.specs]
-        if unknown or not names:
-            raise SpecError(f"no adapter named {unknown or names}; adapters on this model: {sorted(data.specs)}")
+        if not names:
+            raise SpecError(f"mode {self.name!r} exports adapters, and this model has none")
+        for n in names:
+            state.require(model, n)
         self.adapters, self.specs = names, {n: data.specs[n] for n in names}
         self.layout = build_layout(model, names, rank)
         self.by_site = {sl.site: sl for sl in self.layout}
