@@ -187,7 +187,17 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
     select(model, spec, sites)
     regions = plan_regions(model, [fqn for fqn, s in sites.items() if s.selected])
     for region in regions:
-        forms = {s.fqn: s.form for s in find_sites(region.graph_module, region.fqn)}
+        found = find_sites(region.graph_module, region.fqn)
+        if not region.rewritten:
+            stray = site_rules.stray_weight_reads(region.graph_module, {s.node for s in found}, region.sites)
+            if stray:
+                local, node = next(iter(stray.items()))
+                fqn = f"{region.fqn}.{local}".strip(".")
+                raise SpecError(
+                    f"site {fqn!r}: the traced region {region.fqn!r} uses its weight outside a linear call "
+                    f"({node}), where an adapter would not run; exclude the site"
+                )
+        forms = {s.fqn: s.form for s in found}
         for fqn, form in forms.items():  # every site traced in the region, selected or not
             if fqn in sites:
                 sites[fqn].form = form

@@ -10,7 +10,9 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
   A weight that is not a registered Parameter (old-style hook ``weight_norm``): refused.
 * **Weights read without a call.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to
   ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there would never run.
-  Refused. ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
+  Refused. Likewise any parent whose ``forward`` computes with ``self.<child>.weight``
+  (:func:`direct_read`, read from the parent's source; a traced parent is checked on its graph in
+  :mod:`lorafx.plan`). ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
   directly: those sites are adapted and the layer's fast path is turned off (``slow_path``: the
   commit registers a no-op forward pre-hook, one of the conditions PyTorch documents for leaving it).
 * **Shared weights** (found by storage, :mod:`lorafx.weights`). When every holder of a weight is a
@@ -23,6 +25,10 @@ that names one is a :class:`~lorafx.errors.SpecError` with the reason.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import re
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -53,6 +59,48 @@ def _behaviour_refusal(module: nn.Module) -> str | None:
     return None
 
 
+_COMPUTE = ("linear(", "matmul(", "mm(", "einsum(", "@")
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # built-in or generated code: nothing to read
+        return ""
+
+
+def direct_read(parent: nn.Module, leaf: str) -> str | None:
+    """The line of ``type(parent).forward`` that computes with ``self.<leaf>.weight`` without calling
+    ``self.<leaf>`` (``F.linear(x, self.proj.weight)``, ``x @ self.proj.weight.T``), or None.
+
+    Reads that only look at the weight (``self.wo.weight.dtype``, ``isinstance(self.wo.weight, ...)``,
+    as T5 does) are not computations and are not reported."""
+    source = _forward_source(type(parent))
+    for m in re.finditer(rf"self\.{re.escape(leaf)}\.weight\b(?!\s*\.\s*(?!T\b)\w)", source):
+        line = source[source.rfind("\n", 0, m.start()) + 1 : source.find("\n", m.end())]
+        if any(op in line for op in _COMPUTE):
+            return line.strip()
+    return None
+
+
+def stray_weight_reads(gm, site_nodes: set, locals_: list[str]) -> dict[str, str]:
+    """In a traced region: local site -> the first node that uses its weight other than through a
+    linear call (``x @ self.proj.weight.T`` traced inline). Its adapter would not run there."""
+    stray = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not node.target.endswith(".weight"):
+            continue
+        local = node.target[: -len(".weight")]
+        if local not in locals_:
+            continue
+        for user in node.users:
+            through_t = user.op == "call_method" and user.target == "t" and set(user.users) <= site_nodes
+            if user not in site_nodes and not through_t:
+                stray.setdefault(local, user.format_node())
+    return stray
+
+
 def _parent(fqn: str, modules: dict[str, nn.Module]) -> tuple[str, nn.Module | None]:
     name = fqn.rpartition(".")[0]
     return name, modules.get(name)
@@ -73,6 +121,13 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
             )
         if isinstance(parent, _FAST_PATH_LAYERS):
             site.slow_path = parent_fqn
+        elif site.refused is None and parent is not None and not is_region(parent):
+            line = direct_read(parent, fqn.rpartition(".")[2])
+            if line:
+                site.refused = (
+                    f"{type(parent).__name__}.forward computes with its weight without calling the module "
+                    f"({line!r}), so an adapter here would not run there"
+                )
     _share_or_refuse(model, sites)
 
 

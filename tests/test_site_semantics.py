@@ -253,3 +253,43 @@ def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_c
     plain = tiny_llama()
     lorafx.apply(plain, spec(["q_proj"])).resize_token_embeddings(300)  # an unadapted head resizes
     assert plain.lm_head.weight.shape[0] == 300
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent that computes with a child's weight without calling the child (and only looks at
+    another child's dtype, which is not a use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):  # an optional argument: not traced, so its source is read
+        if self.other.weight.dtype != x.dtype:
+            x = x.to(self.other.weight.dtype)
+        return F.linear(x, self.proj.weight) + self.other(x)
+
+
+def test_a_parent_computing_with_a_child_weight_is_refused():
+    with pytest.raises(SpecError, match=r"'proj'.*ReadsChildWeight.forward computes with its weight.*F.linear"):
+        lorafx.apply(ReadsChildWeight(), spec(["proj"]))
+    model = lorafx.apply(ReadsChildWeight(), spec("all-linear"))
+    assert list(lorafx.iter_sites(model)) == ["other"]  # a dtype look is not a use
+
+
+class TracedInlineRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # traces: the matmul with proj's weight is inlined in the graph
+        w = self.proj.weight  # (a line the source check cannot judge; the traced graph can)
+        return self.proj(x) + torch.matmul(x, w.T)
+
+
+def test_a_traced_use_of_a_weight_outside_a_linear_call_is_refused():
+    model = TracedInlineRead()
+    before = snapshot(model)
+    with pytest.raises(SpecError, match=r"'proj'.*uses its weight outside a linear call"):
+        lorafx.apply(model, spec(["proj"]))
+    assert_unchanged(before, model)
