@@ -24,6 +24,8 @@ from lorafx.state import (
     set_scale,
     step,
 )
+from lorafx.training import attach_step
+from lorafx.unload import merge_and_unload, print_trainable_parameters, trainable_parameters, unload
 from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 from lorafx.verify import verify_merge
 from lorafx.weights import untie
@@ -52,6 +54,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "apply",
+    "attach_step",
     "build_report",
     "compile",
     "compile_check",
@@ -61,12 +64,16 @@ __all__ = [
     "iter_sites",
     "load_adapter",
     "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "register_variant",
     "save_adapter",
     "set_adapter",
     "set_scale",
     "step",
     "to_peft",
+    "trainable_parameters",
+    "unload",
     "unmerge",
     "untie",
     "use_kernels",

@@ -224,7 +224,18 @@ def load_prepared(
 
     ``scales`` (site -> scale, from the file's JSON) replaces each site's configured scale; files
     without it (lorafx format 1, PEFT) keep the scales the spec defines."""
-    modules = prep.state_modules()
+    load_modules(prep.state_modules(), tensors, source, allow_nonfinite, scales)
+
+
+def load_modules(
+    modules: dict[str, nn.Module],
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    allow_nonfinite: bool = False,
+    scales: dict[str, float] | None = None,
+) -> None:
+    """:func:`load_prepared` for modules given as file prefix -> module (the layout of
+    :func:`save_adapter`): check strictly, then copy in."""
     check_state(_state(modules), tensors, source)
     adapters = {k: m for k, m in modules.items() if isinstance(m, Adapter)}
     if scales is not None:
@@ -288,3 +299,16 @@ def load_adapter(
         scales = meta.get("scales") if meta["format_version"] >= 2 else None
         load_prepared(prep, tensors, source, allow_nonfinite, scales)
         return commit(prep, activate)
+
+
+def reload_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> None:
+    """Load the weights (and scales) in ``directory`` into adapter ``name`` (default: the active one)
+    that ``model`` already holds, in place: the parameter objects stay, so an optimizer over them
+    stays valid (a resumed training run). Strict like :func:`load_adapter`; nothing is re-traced."""
+    meta, tensors = read_adapter_dir(directory)
+    with state.model_lock(model):
+        name = name or state.get(model).active
+        state.require(model, name)
+        scales = meta.get("scales") if meta["format_version"] >= 2 else None
+        source = str(Path(directory).expanduser() / WEIGHTS)
+        load_modules(_modules_of(model, name), tensors, source, scales=scales)

@@ -213,11 +213,12 @@ def _restorer(model: nn.Module) -> Callable[[], None]:
 def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
     model, name = prep.model, prep.name
     existing = state.find(model)
+    data = existing or state.AdapterState()
+    _keep_originals(model, prep.new_regions, data, undo)
     root = swap_regions(model, prep.new_regions, undo)
     for sa, adapter in prep.additions:
         undo.append(lambda sa=sa: sa.adapters.pop(name) if name in sa.adapters else None)
         sa.adapters[name] = adapter
-    data = existing or state.AdapterState()
     state.put(root, data)
     data.specs[name] = prep.spec
     if prep.shared:
@@ -227,6 +228,8 @@ def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
     head = output_head(prep.model)
     if head is not None and head in prep.plan.selected and hasattr(root, "resize_token_embeddings"):
         _refuse_resize(root, head, undo)
+    if hasattr(root, "save_pretrained"):
+        _refuse_save_pretrained(root, undo)
     for layer in sorted({s.slow_path for s in prep.plan.selected.values() if s.slow_path is not None}):
         _turn_off_fast_path(root.get_submodule(layer), undo)
     for p in root.parameters():
@@ -256,6 +259,32 @@ def _refuse_resize(root: nn.Module, head: str, undo: list) -> None:
     )
     root.__dict__["resize_token_embeddings"] = RefusedEdit("resize_token_embeddings", message)
     undo.append(lambda: root.__dict__.pop("resize_token_embeddings", None))
+
+
+def _keep_originals(model: nn.Module, regions: list[tuple[str, nn.Module]], data: state.AdapterState, undo: list):
+    """Record the module each new region replaces, the first time its FQN is rewritten (a region
+    rewritten again for a second adapter keeps the very first original): :func:`lorafx.unload`
+    puts these back."""
+    added = [fqn for fqn, _ in regions if fqn not in data.originals]
+    for fqn in added:
+        data.originals[fqn] = model.get_submodule(fqn) if fqn else model
+    undo.append(lambda: [data.originals.pop(fqn, None) for fqn in added])
+
+
+SAVE_PRETRAINED_MESSAGE = (
+    "this model carries lorafx adapters, which from_pretrained would silently drop (it loads the base "
+    "class, and the adapter keys are unexpected); save the adapter with lorafx.save_adapter(model, dir) "
+    "(or lorafx.to_peft for plain LoRA), or fold it in with lorafx.merge_and_unload(model) and save that; "
+    "under transformers.Trainer use lorafx.integrations.transformers.LorafxTrainer"
+)
+
+
+def _refuse_save_pretrained(root: nn.Module, undo: list) -> None:
+    # transformers' save_pretrained writes the whole state_dict, adapters included, under keys the
+    # base class does not know: from_pretrained then warns about UNEXPECTED keys and returns the
+    # base model. Refusing is the one behaviour that never loses an adapter silently.
+    root.__dict__["save_pretrained"] = RefusedEdit("save_pretrained", SAVE_PRETRAINED_MESSAGE)
+    undo.append(lambda: root.__dict__.pop("save_pretrained", None))
 
 
 def _slow_path(module: nn.Module, args: tuple) -> None:

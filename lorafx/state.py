@@ -31,12 +31,16 @@ _SEP = "__"  # shared key: "<adapter name>__<variant>"; variant names never cont
 class AdapterState:
     """What lorafx knows about a model: adapter name -> Spec (in apply order), the active name, and the
     kernel choice its sites call (``kernels``) with the records that undo it (``kernel_undo``, written
-    and read by :func:`lorafx.compiler.use_kernels` only)."""
+    and read by :func:`lorafx.compiler.use_kernels` only), and ``originals``: region FQN -> the module
+    that stood there before lorafx first rewrote it (``""``: the whole model), written by
+    :func:`lorafx.apply.commit`, read by :func:`lorafx.unload` (plain references, not submodules, so
+    ``state_dict`` is unchanged)."""
 
     specs: dict = field(default_factory=dict)
     active: str | None = None
     kernels: str = "composite"
     kernel_undo: list = field(default_factory=list)
+    originals: dict = field(default_factory=dict)
 
 
 def find(model: nn.Module) -> AdapterState | None:

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks, each imported on its own (``import lorafx`` imports none):
+``lorafx.integrations.transformers`` (``LorafxTrainer``, ``LorafxCallback``)."""
