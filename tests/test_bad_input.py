@@ -488,6 +488,12 @@ CASES = [
         NotMergeableError,
         ("verify_merge", "non-finite"),
     ),
+    Case(
+        "save_pretrained of an adapted model",
+        call(lambda m: m.save_pretrained(tempfile.mkdtemp()), adapted),
+        SpecError,
+        ("save_pretrained", "save_adapter", "merge_and_unload"),
+    ),
     Case("unmerge with nothing merged", call(lambda m: lorafx.unmerge(m), adapted), SpecError, ("nothing is merged",)),
     Case(
         "merge a model lorafx never adapted",
