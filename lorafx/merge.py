@@ -86,7 +86,7 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
             "nor the base. Two correct paths: (1) lorafx.merge_dequantized(model) (merge_and_unload(model, "
             "dequantize=True)): the base becomes dense in its compute dtype with W = dequant(Wq) + ΔW; "
             "(2) lorafx.merge_requantized(model): quantize dequant(Wq) + ΔW again, returning per site the "
-            "fraction of ΔW the rounding lost (lorafx.verify_merge(model, inputs, quantized='requantize') "
+            "requantization error relative to ‖ΔW‖ (lorafx.verify_merge(model, inputs, quantized='requantize') "
             "measures the outputs against the unmerged model). The model is unchanged"
         )
     originals = []
@@ -134,8 +134,8 @@ def merge_dequantized(model: nn.Module) -> None:
 def merge_requantized(model: nn.Module) -> dict[str, float]:
     """Merge the active adapter and quantize again: every adapted bitsandbytes base becomes a new
     module of the same kind and settings quantized from ``dequant(Wq) + ΔW``. Returns, per site, the
-    fraction of ΔW the requantization lost, ``‖Q(W') − W'‖ / ‖ΔW‖`` with ``W' = dequant(Wq) + ΔW``
-    (above ~1 the merged model no longer carries the adapter). ``lorafx.verify_merge(model, inputs,
+    requantization error relative to the adapter, ``‖Q(W') − W'‖ / ‖ΔW‖`` with ``W' = dequant(Wq) + ΔW``
+    (near 1 the rounding is as large as the adapter itself). ``lorafx.verify_merge(model, inputs,
     quantized="requantize")`` measures the outputs. :func:`unmerge` puts the original modules back."""
     lost: dict[str, float] = {}
 
