@@ -142,6 +142,14 @@ class SiteAdapters(nn.Module):
     def set_base(self, module: nn.Module | None) -> None:
         self.__dict__["_base"] = module
 
+    def train(self, mode: bool = True) -> SiteAdapters:
+        # The base is not a child, so Module.train would not reach it: bitsandbytes' forward depends on
+        # the mode (on AVX512-BF16 CPUs its eval forward repacks the weight for a bf16 kernel).
+        super().train(mode)
+        if self.__dict__.get("_base") is not None:
+            self.__dict__["_base"].train(mode)
+        return self
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base term ``x Wᵀ + b`` computed by :attr:`base`'s own forward (its dequant-GEMM)."""
         return self.__dict__["_base"].forward(x)

@@ -147,6 +147,16 @@ def test_dequantize_reads_the_weight_bitsandbytes_repacked_for_its_cpu_kernel(nf
     assert torch.equal(dense_linear(layer).weight, after)
 
 
+def test_the_hidden_base_follows_train_and_eval(nf4):
+    model = lorafx.apply(copy.deepcopy(nf4).eval(), lorafx.Spec(lorafx.LoRA(r=4), targets=["q_proj"]))
+    base = lorafx.iter_sites(model)["model.layers.0.self_attn.q_proj"].base
+    assert type(base).__name__ == "Linear4bit" and not base.training
+    model.train()
+    assert base.training
+    model.eval()
+    assert not base.training
+
+
 def test_celora_is_refused_on_a_quantized_base(nf4):
     with pytest.raises(SpecError, match="CE-LoRA needs the dense base weight.*bnb-nf4"):
         lorafx.apply(fresh(nf4), lorafx.Spec(lorafx.CELoRA(r=4), targets=["q_proj"]))
