@@ -197,3 +197,43 @@ def test_torchao_int8_weight_only_sites():
 
 def dequantized_weight_of(weight):
     return weight.dequantize().float()
+
+
+def test_biased_bnb_linears_in_a_traced_model():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    q4 = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q8 = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)
+    q4.load_state_dict(dense[0].state_dict())
+    q8.load_state_dict(dense[2].state_dict())
+    base = nn.Sequential(q4.to("cpu"), nn.ReLU(), q8.to("cpu"))
+    model = lorafx.apply(base, lorafx.Spec(lorafx.LoRA(r=4, alpha=8, init="random"), targets=["0", "2"]))
+    assert {sa.quantized for sa in lorafx.iter_sites(model).values()} == {"bnb-nf4", "bnb-int8"}
+    x = torch.randn(5, 64)
+    a0, a2 = (lorafx.iter_sites(model)[k].adapters["default"] for k in ("0", "2"))
+    h = torch.relu(q4(x) + a0.scale * (x @ a0.lora_A.T) @ a0.lora_B.T)
+    hand = q8(h) + a2.scale * (h @ a2.lora_A.T) @ a2.lora_B.T
+    out = model(x)
+    assert_close(out, hand)
+    lorafx.merge_dequantized(model)
+    first, last = model.get_submodule("0"), model.get_submodule("2")
+    assert type(first) is nn.Linear and torch.equal(first.bias, q4.bias) and torch.equal(last.bias, q8.bias.float())
+    assert_close(model(x), out, **MERGED_LOGITS_FP32)
+    lorafx.unmerge(model)
+    assert model.get_submodule("0") is q4 and model.get_submodule("2") is q8
+    assert torch.equal(model(x), out)
+
+
+def test_adapter_files_and_a_second_adapter_on_a_quantized_base(nf4, tmp_path):
+    model = adapt(nf4, ["q_proj", "up_proj"])
+    lorafx.save_adapter(model, tmp_path / "a")
+    again = lorafx.load_adapter(fresh(nf4), tmp_path / "a")
+    assert torch.equal(again(IDS).logits, model(IDS).logits)
+    lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=2, init="random"), targets=["q_proj"]), name="b")
+    lorafx.set_adapter(model, "b")
+    assert lorafx.iter_sites(model)["model.layers.0.self_attn.q_proj"].quantized == "bnb-nf4"
+    b_out = model(IDS).logits
+    lorafx.delete_adapter(model, "default")
+    assert torch.equal(model(IDS).logits, b_out)
