@@ -50,6 +50,9 @@ def test_bnb_linears_are_quantized_sites_with_their_own_forward(nf4):
     assert set(nf4.state_dict()) <= set(model.state_dict()) | {
         k for k in nf4.state_dict() if "self_attn" in k and not k.endswith(("weight", "bias"))
     }
+    report = lorafx.build_report(fresh(nf4), lorafx.Spec(lorafx.LoRA(r=4), targets="all-linear"))
+    assert {r.fqn: r.quantized for r in report.sites}["model.layers.0.mlp.up_proj"] == "bnb-nf4"
+    assert {r.fqn: r.quantized for r in report.sites}["lm_head"] is None
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lorafx." in n for n in trainable)
 
@@ -129,7 +132,9 @@ def test_merge_requantized_reports_what_rounding_loses(nf4):
     lorafx.unmerge(model)
     assert torch.equal(model(IDS).logits, unmerged)
     report = lorafx.verify_merge(model, IDS, quantized="requantize")
-    assert report["dtype"] == "bnb-nf4" and report["delta_lost"] == pytest.approx(max(lost.values()), rel=1e-4)
+    # verify_merge runs in eval mode: on AVX512-BF16 CPUs bitsandbytes then repacks the weights with a
+    # bf16 absmax (quant_helpers), which moves dequant(Wq) by up to 2^-9 relative: same ratio to ~1%
+    assert report["dtype"] == "bnb-nf4" and report["delta_lost"] == pytest.approx(max(lost.values()), rel=1e-2)
     dq = lorafx.verify_merge(model, IDS, quantized="dequantize")
     assert dq["max_abs_diff"] < report["max_abs_diff"]
     assert not lorafx.is_merged(model)
