@@ -10,7 +10,7 @@ from lorafx.canonical import Lowered
 from lorafx.compiler import compile, compile_check, use_kernels  # lorafx kernels/compile (issue 4)
 from lorafx.config import AdapterConfig, register_variant, variant_names
 from lorafx.errors import AdapterFileError, ExportError, LorafxError, NotMergeableError, SpecError, TraceError
-from lorafx.merge import is_merged, merge, unmerge
+from lorafx.merge import is_merged, merge, merge_dequantized, merge_requantized, unmerge
 from lorafx.peft_interop import from_peft, to_peft
 from lorafx.report import Report, build_report
 from lorafx.serving import using_adapter
@@ -65,6 +65,8 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "merge_dequantized",
+    "merge_requantized",
     "print_trainable_parameters",
     "register_variant",
     "save_adapter",

@@ -130,6 +130,29 @@ class SiteAdapters(nn.Module):
         self.__dict__["_active"] = None
         self.__dict__["_merged"] = None
         self.__dict__["_slot"] = None
+        self.quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind)
+        self.__dict__["_base"] = None  # bitsandbytes: the module whose own forward computes the base term
+
+    @property
+    def base(self) -> nn.Module | None:
+        """The quantized module whose own forward is this site's base term (not a registered child:
+        its parameters belong to the region, under the base model's own names), or None."""
+        return self.__dict__["_base"]
+
+    def set_base(self, module: nn.Module | None) -> None:
+        self.__dict__["_base"] = module
+
+    def train(self, mode: bool = True) -> SiteAdapters:
+        # The base is not a child, so Module.train would not reach it: bitsandbytes' forward depends on
+        # the mode (on AVX512-BF16 CPUs its eval forward repacks the weight for a bf16 kernel).
+        super().train(mode)
+        if self.__dict__.get("_base") is not None:
+            self.__dict__["_base"].train(mode)
+        return self
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base term ``x Wᵀ + b`` computed by :attr:`base`'s own forward (its dequant-GEMM)."""
+        return self.__dict__["_base"].forward(x)
 
     # torch.compile guards on what ``forward`` reads. Reading the name ``active`` (a str) guards on its
     # value, so every switch recompiled. ``forward`` reads only ``_slot``, the active adapter module
@@ -149,4 +172,5 @@ class SiteAdapters(nn.Module):
         return adapter.lower(x)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, active={self.active!r}, merged={self.merged!r}"
+        quantized = f", quantized={self.quantized!r}" if self.quantized else ""
+        return f"site={self.site!r}, active={self.active!r}, merged={self.merged!r}{quantized}"

@@ -24,6 +24,8 @@ from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
 from lorafx.plan import Plan, output_head, plan
+from lorafx.quantized import compute_dtype, needs_own_forward
+from lorafx.regions import is_region
 from lorafx.spec import Spec
 
 
@@ -43,11 +45,14 @@ def _build_adapters(p: Plan) -> dict[str, Adapter]:
         except ValueError as e:
             raise SpecError(f"site {fqn!r}: {e}") from None
         w = site.weight
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        # fp32 adapters for half-precision bases; a quantized base's compute dtype, not its storage's
+        dtype = compute_dtype(site.module) if site.quantized and not is_region(site.module) else w.dtype
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         # A fresh module is in training mode; follow the site's mode so that adapting an eval() model
         # does not switch on dropout, DropLoRA's rank mask or CE-LoRA's approximate backward.
         adapters[fqn] = adapter.to(device=w.device, dtype=dtype).train(site.module.training)
-        adapter.attach(w.t() if site.fan_in_fan_out else w)
+        if not site.quantized:  # CE-LoRA (the one variant that reads W here) is refused on quantized bases
+            adapter.attach(w.t() if site.fan_in_fan_out else w)
     return adapters
 
 
@@ -121,6 +126,9 @@ def build(p: Plan) -> Prepared:
             else:
                 a, site = adapters[leader], p.sites[fqn]
                 sa = SiteAdapters(leader, a.in_features, a.out_features, site.fan_in_fan_out)
+                sa.quantized = site.quantized
+                if needs_own_forward(site.module):
+                    sa.set_base(site.module)
                 sa.train(a.training)
                 sa.adapters[p.name] = a
                 fresh[local] = made[leader] = sa

@@ -133,6 +133,22 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | N
     return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale, inplace)
 
 
+def quantized_lora_linear(x: Tensor, sites, low: Lowered | None) -> Tensor:
+    """A quantized base (bitsandbytes) + adapter: ``sites.base_forward(x) + s·((x_in Aᵀ) ⊙ g) Bᵀ``.
+
+    ``sites`` is the site's :class:`~lorafx.adapter.SiteAdapters`; the base term is the quantized
+    module's own forward (its dequant-GEMM in the compute dtype), the adapter term the same
+    :func:`shrink`/:func:`expand` as :func:`lora_linear`, cast to the base output's dtype. Not a
+    registered site implementation: passes that retarget sites to kernels or export them leave it alone.
+    """
+    if isinstance(x, fx.Proxy):  # re-tracing (unpickling): one node, as for the registered sites
+        return x.tracer.create_proxy("call_function", quantized_lora_linear, (x, sites, low), {})
+    y = sites.base_forward(x)
+    if low is None:
+        return y
+    return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale)
+
+
 @site_implementation("functional")
 def lora_linear_functional(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | None) -> Tensor:
     """:func:`lora_linear` out of place, every adapter operand cast to the output's dtype: the form

@@ -8,12 +8,15 @@ up to one rounding of the base dtype; ``keep_original=True`` keeps a copy and re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from lorafx import state
 from lorafx.adapter import SiteAdapters
 from lorafx.errors import NotMergeableError, SpecError
+from lorafx.quantized import dense_linear, dequantized_weight, quantized_kind, requantized, swap_base
 from lorafx.state import iter_sites
 
 
@@ -72,13 +75,19 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
     Raises :class:`NotMergeableError` (before changing anything) if any site's adapter is not
     mergeable, e.g. MoR. After merging, the adapted sites run the base matmul only.
     """
-    name, sites = mergeable_sites(model)
-    bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
-    if bad:
-        variants = sorted({sa.adapters[name].config.name for sa in bad})
+    name, sites = _checked_sites(model)
+    quantized = [sa for sa in sites if sa.quantized]
+    if quantized:
+        kinds = sorted({sa.quantized for sa in quantized})
         raise NotMergeableError(
-            f"adapter {name!r} (variant {', '.join(map(repr, variants))}) cannot be merged at sites "
-            f"{[sa.site for sa in bad]}: its gate depends on the input"
+            f"adapter {name!r} cannot be merged into the quantized base ({', '.join(kinds)}) of sites "
+            f"{[sa.site for sa in quantized][:4]}{' ...' if len(quantized) > 4 else ''}: the quantized weight "
+            "cannot hold W + ΔW, and adding ΔW to the original high-precision W gives neither the trained model "
+            "nor the base. Two correct paths: (1) lorafx.merge_dequantized(model) (merge_and_unload(model, "
+            "dequantize=True)): the base becomes dense in its compute dtype with W = dequant(Wq) + ΔW; "
+            "(2) lorafx.merge_requantized(model): quantize dequant(Wq) + ΔW again, returning per site the "
+            "requantization error relative to ‖ΔW‖ (lorafx.verify_merge(model, inputs, quantized='requantize') "
+            "measures the outputs against the unmerged model). The model is unchanged"
         )
     originals = []
     try:
@@ -96,12 +105,100 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
         sa.__dict__["_lorafx_original"] = orig if keep_original else None
 
 
+def _checked_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteAdapters]]:
+    name, sites = mergeable_sites(model, caller)
+    bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
+    if bad:
+        variants = sorted({sa.adapters[name].config.name for sa in bad})
+        raise NotMergeableError(
+            f"adapter {name!r} (variant {', '.join(map(repr, variants))}) cannot be merged at sites "
+            f"{[sa.site for sa in bad]}: its gate depends on the input"
+        )
+    return name, sites
+
+
+@torch.no_grad()
+def merge_dequantized(model: nn.Module) -> None:
+    """Merge the active adapter onto a quantized base the correct way: every adapted quantized base
+    (:mod:`lorafx.quantized`) becomes a frozen ``nn.Linear`` in its compute dtype holding
+    ``W = dequant(Wq) + ΔW`` (summed in fp32, rounded once) — never the original high-precision W,
+    which the adapter was not trained against. Dense sites of the same adapter merge as in
+    :func:`merge`. :func:`unmerge` puts the quantized modules back, bit for bit.
+
+    ``merge_and_unload(model, dequantize=True)`` is this followed by the unload.
+    """
+    _merge_quantized(model, dense_linear, "merge_dequantized")
+
+
+@torch.no_grad()
+def merge_requantized(model: nn.Module) -> dict[str, float]:
+    """Merge the active adapter and quantize again: every adapted bitsandbytes base becomes a new
+    module of the same kind and settings quantized from ``dequant(Wq) + ΔW``. Returns, per site, the
+    requantization error relative to the adapter, ``‖Q(W') − W'‖ / ‖ΔW‖`` with ``W' = dequant(Wq) + ΔW``
+    (near 1 the rounding is as large as the adapter itself). ``lorafx.verify_merge(model, inputs,
+    quantized="requantize")`` measures the outputs. :func:`unmerge` puts the original modules back."""
+    lost: dict[str, float] = {}
+
+    def make(base: nn.Module, delta: torch.Tensor) -> nn.Module:
+        new = requantized(base, delta)
+        target = dequantized_weight(base) + delta.float()
+        lost[base_site[0]] = float((dequantized_weight(new) - target).norm() / delta.float().norm().clamp_min(1e-30))
+        return new
+
+    base_site = [""]
+    _merge_quantized(model, make, "merge_requantized", base_site)
+    return lost
+
+
+def _merge_quantized(model: nn.Module, make, caller: str, current: list | None = None) -> None:
+    name, sites = _checked_sites(model, caller)
+    if not any(sa.quantized for sa in sites):
+        raise SpecError(f"{caller}: adapter {name!r} has no quantized base; use lorafx.merge(model)")
+    undo = []
+    try:
+        for sa in sites:
+            if not sa.quantized:
+                w = _weight(model, sa)
+                new = _merged_weight(sa, name, w)
+                undo.append(functools.partial(w.copy_, w.detach().clone()))
+                w.copy_(new)
+                continue
+            base = sa.base if sa.base is not None else model.get_submodule(sa.site)
+            if current is not None:
+                current[0] = sa.site
+            replacement = make(base, _delta(sa, name))
+            check = dequantized_weight(replacement) if quantized_kind(replacement) else replacement.weight
+            if not bool(torch.isfinite(check).all()):
+                raise NotMergeableError(
+                    f"{caller}: adapter {name!r} cannot be merged at site {sa.site!r}: dequant(Wq) + ΔW is not "
+                    "finite (NaN/Inf in the adapter or beyond the compute dtype's range); the model is unchanged"
+                )
+            restore = swap_base(model, sa, replacement)
+            undo.append(restore)
+            sa.__dict__["_lorafx_quantized_base"] = restore
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        for sa in sites:
+            sa.__dict__.pop("_lorafx_quantized_base", None)
+        raise
+    for sa in sites:
+        sa.merged = name
+        sa.__dict__["_lorafx_original"] = None
+
+
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge`: subtract the fp32 ΔW (or restore the kept original exactly)."""
     sites = [sa for sa in iter_sites(model).values() if sa.merged is not None]
     if not sites:
         raise SpecError("nothing is merged")
+    for sa in sites:  # merge_dequantized: put the quantized module back (nothing to compute, cannot fail)
+        restore = sa.__dict__.pop("_lorafx_quantized_base", None)
+        if restore is not None:
+            restore()
+            sa.merged = None
+    sites = [sa for sa in sites if sa.merged is not None]
     # All new weights are computed before any is written, and the writes are undone if one fails, so
     # a failure leaves every site merged as before (the same pattern as merge()).
     restored = []

@@ -47,6 +47,7 @@ class Site:
     refused: str | None = None  # why lorafx cannot adapt this site (never offered by "all-linear")
     tied_to: str | None = None  # the selected site whose adapter this one shares (one weight, two users)
     slow_path: str | None = None  # FQN of a TransformerEncoderLayer whose fast path must be turned off
+    quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind), None = dense
 
     @property
     def selected(self) -> bool:
@@ -94,7 +95,7 @@ def linear_sites(model: nn.Module) -> dict[str, Site]:
         sa = leaf_region_adapters(m)
         if sa is not None:
             kind = "Conv1D" if sa.fan_in_fan_out else "Linear"
-            sites[fqn] = Site(fqn, m, sa.in_features, sa.out_features, sa.fan_in_fan_out, kind)
+            sites[fqn] = Site(fqn, m, sa.in_features, sa.out_features, sa.fan_in_fan_out, kind, quantized=sa.quantized)
         elif isinstance(m, nn.Linear):
             sites[fqn] = Site(fqn, m, m.in_features, m.out_features, False, "Linear")
         elif is_linear_module(m):

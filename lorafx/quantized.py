@@ -1,0 +1,197 @@
+"""Quantized bases (QLoRA): recognise quantized linears, dequantize them, merge onto them correctly.
+
+Two families, recognised by class and module path so that ``import lorafx`` never imports them:
+
+* **bitsandbytes** ``Linear4bit`` (``LinearNF4``/``LinearFP4``, nf4/fp4, double quant) and
+  ``Linear8bitLt``: ``nn.Linear`` subclasses whose ``weight`` is packed (``Params4bit`` is ``uint8``
+  ``[n, 1]``). ``F.linear`` on it fails, so the rewritten site keeps calling the module's own
+  ``forward`` (its dequant-GEMM) for the base term and adds the adapter with
+  :func:`lorafx.canonical.quantized_lora_linear` (:attr:`SiteAdapters.base` holds the module).
+* **torchao** weight-only tensors (int8, int4): a plain ``nn.Linear`` whose weight is a torchao
+  tensor subclass. ``F.linear`` dispatches through the subclass, so these sites are ordinary sites;
+  only merging needs to know.
+
+Merging into a quantized weight is refused (:class:`NotMergeableError`): rounding ``W4 + ΔW`` back to
+4 bits loses most of ΔW (peft#2321), and merging into the original high-precision W instead of
+``dequant(W4)`` gives a model that is neither the trained one nor the base (unsloth-zoo#810).
+:func:`merge_dequantized` is the correct path: every adapted quantized base becomes an ``nn.Linear`` in
+the compute dtype holding ``dequant(Wq) + ΔW`` (undone by :func:`lorafx.unmerge`, which puts the
+quantized module back, bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lorafx.errors import NotMergeableError
+
+_BNB_CLASSES = {"Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"}
+
+
+def _is_bnb(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith("bitsandbytes") and any(c.__name__ in _BNB_CLASSES for c in cls.__mro__)
+
+
+def _is_torchao_weight(weight) -> bool:
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    return isinstance(weight, torch.Tensor) and (
+        type(weight).__module__.startswith("torchao") or type(data).__module__.startswith("torchao")
+    )
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """What kind of quantized linear ``module`` is (``"bnb-nf4"``, ``"bnb-fp4"``, ``"bnb-int8"``,
+    ``"torchao-<TensorClass>"``), or None for a dense one."""
+    if _is_bnb(module):
+        if "8bit" in type(module).__name__:
+            return "bnb-int8"
+        return f"bnb-{getattr(module.weight, 'quant_type', '4bit')}"
+    weight = getattr(module, "weight", None)
+    if _is_torchao_weight(weight):
+        return f"torchao-{type(weight).__name__}"
+    return None
+
+
+def needs_own_forward(module: nn.Module) -> bool:
+    """True when the base term must be the module's own forward (bitsandbytes: packed weight)."""
+    return _is_bnb(module)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a quantized linear computes in (bnb's ``compute_dtype``; torchao's weight dtype)."""
+    dtype = getattr(module, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if _is_bnb(module):  # Linear8bitLt: the bias's dtype, fp32 without one
+        bias = module.bias
+        return bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
+    return module.weight.dtype
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``dequant(Wq)`` ``[d_out, d_in]`` in fp32: the weight the quantized forward multiplies by."""
+    w = module.weight
+    if _is_bnb(module):
+        import bitsandbytes.functional as bnbf
+
+        if "8bit" in type(module).__name__:
+            scb = getattr(w, "SCB", None)
+            if scb is None:
+                scb = module.state.SCB
+            return w.data.float() * (scb.float().unsqueeze(1) / 127.0)
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed(w.data, w.quant_state)
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    data = w.data if isinstance(w, nn.Parameter) else w
+    return data.dequantize().float()
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, qs) -> torch.Tensor:
+    """``dequant(Wq)`` of a 4-bit weight that bitsandbytes repacked for its CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` in eval mode without grad
+    rewrites the weight in place into blocks of 32 output rows (each byte: the codes of row ``b`` and
+    ``b + 32`` ... of one input pair), un-nests the absmax and rounds it to bf16, then runs a bf16 kernel.
+    Its ``dequantize_4bit`` no longer applies, so this decodes that layout: codes ``[N, K]``, then
+    ``code[q] · absmax`` with the bf16 absmax the kernel multiplies by."""
+    n, k = qs.shape
+    rows = packed.reshape(-1, 32)
+    codes = torch.cat([rows & 0xF, rows >> 4], dim=-1).reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k)
+    absmax = qs.absmax.float().t().repeat_interleave(qs.blocksize, dim=1)  # [N, K]
+    return qs.code.float()[codes.long()] * absmax
+
+
+def dense_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """A frozen ``nn.Linear`` in the compute dtype with ``W = dequant(Wq) (+ ΔW)``, summed in fp32 and
+    rounded once; the bias is the module's bias in the compute dtype."""
+    dtype = compute_dtype(module)
+    w = dequantized_weight(module)
+    if delta is not None:
+        w = w + delta.to(device=w.device, dtype=torch.float32)
+    bias = getattr(module, "bias", None)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+    out.train(module.training)
+    return out
+
+
+def requantized(module: nn.Module, delta: torch.Tensor) -> nn.Module:
+    """A new bitsandbytes module of ``module``'s kind and settings, quantized from
+    ``dequant(Wq) + ΔW`` (fp32 sum) on ``module``'s device."""
+    if not _is_bnb(module):
+        raise NotMergeableError(
+            f"requantizing a {quantized_kind(module) or type(module).__name__} base is not implemented (only "
+            "bitsandbytes); use lorafx.merge_dequantized(model); the model is unchanged"
+        )
+    import bitsandbytes as bnb
+
+    w = dequantized_weight(module) + delta.to(module.weight.device).float()
+    has_bias = module.bias is not None
+    if "8bit" in type(module).__name__:
+        new = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=module.state.threshold,
+        )
+    else:
+        qs = module.weight.quant_state
+        new = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=has_bias,
+            compute_dtype=module.compute_dtype,
+            compress_statistics=bool(getattr(qs, "original_nested", qs.nested)),
+            quant_type=qs.quant_type,
+            quant_storage=module.weight.quant_storage,
+        )
+        new.weight.blocksize = qs.blocksize
+    dtype = compute_dtype(module)
+    state = {"weight": w.to(dtype)}
+    if has_bias:
+        state["bias"] = module.bias.detach().to(dtype)
+    new.load_state_dict(state)
+    new.weight.requires_grad_(False)
+    return new.to(w.device).train(module.training)
+
+
+def swap_base(model: nn.Module, sa, new: nn.Linear) -> Callable[[], None]:
+    """Make ``new`` the base of site ``sa`` and return the undo.
+
+    A bitsandbytes base is the module :attr:`SiteAdapters.base` calls: a child of a traced region
+    (replaced in its parent) or the module a single-linear region was made from (the region's own
+    ``weight``/``bias`` are replaced, so its ``state_dict`` holds the dense ones). A torchao base is
+    the owner's ``weight`` Parameter."""
+    owner = model.get_submodule(sa.site)
+    old_base = sa.base
+    old_params = {k: owner._parameters.get(k) for k in ("weight", "bias")}
+    parent_name, _, child = sa.site.rpartition(".")
+    parent = model.get_submodule(parent_name) if old_base is not None and owner is old_base else None
+    if parent is not None:
+        setattr(parent, child, new)
+    else:
+        owner.weight = new.weight
+        if old_base is not None and old_params["bias"] is not None:
+            owner.bias = new.bias
+    if old_base is not None:
+        sa.set_base(new)
+
+    def undo() -> None:
+        if parent is not None:
+            setattr(parent, child, owner)
+        else:
+            for k, p in old_params.items():
+                if p is not None:
+                    owner._parameters[k] = p
+        if old_base is not None:
+            sa.set_base(old_base)
+
+    return undo
