@@ -18,6 +18,8 @@ from lorafx.errors import ExportError
 from lorafx.export.exporter import IDS, MANIFEST
 from lorafx.export.layout import SiteLayout, make_feed, read_any_adapter
 
+_ONLY = "<the only adapter>"  # run()'s default: the session's one adapter (a str: never a valid name)
+
 
 class AdapterSession:
     """An onnxruntime session over a :func:`lorafx.export.to_onnx` directory.
@@ -73,14 +75,23 @@ class AdapterSession:
         self._stacked.clear()
         return name
 
-    def run(self, inputs: dict, adapter: str | list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict, adapter: str | list[str] | None = _ONLY) -> dict[str, np.ndarray]:
         """Run one batch; returns output name -> array.
 
         Args:
             inputs: input name -> array or tensor (names as in the manifest, e.g. ``input_ids``).
             adapter: one adapter name for the whole batch, a list with one name per row (``None`` in
                 the list, or ``adapter=None``, means the base model), ignored for merged exports.
+                Left out, the session's only adapter is used; with several (or none) loaded, leaving
+                it out is an :class:`~lorafx.errors.ExportError` (it used to run the base model).
         """
+        if adapter is _ONLY and self.mode != "merged":
+            if len(self.adapters) != 1:
+                raise ExportError(
+                    f"this session holds adapters {sorted(self.adapters)}: name one (adapter='...'), a list "
+                    "with one per row, or adapter=None for the base model"
+                )
+            adapter = next(iter(self.adapters))
         feed = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in inputs.items()}
         if self.mode == "unmerged":
             if isinstance(adapter, (list, tuple)):
