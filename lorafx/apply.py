@@ -257,6 +257,13 @@ class RefusedEdit:
         raise SpecError(f"{self.method}: {self.message}")
 
 
+def _refuse(root: nn.Module, method: str, message: str, undo: list) -> None:
+    """Shadow ``root.<method>`` with a :class:`RefusedEdit` (an instance attribute wins over the
+    class's method); the commit's undo removes it."""
+    root.__dict__[method] = RefusedEdit(method, message)
+    undo.append(lambda: root.__dict__.pop(method, None))
+
+
 def _refuse_resize(root: nn.Module, head: str, undo: list) -> None:
     # transformers' resize_token_embeddings resizes the input embeddings first, then rebuilds the head
     # as a new nn.Linear: on an adapted head it raised a TypeError with the embeddings already resized,
@@ -265,8 +272,7 @@ def _refuse_resize(root: nn.Module, head: str, undo: list) -> None:
         f"the output head {head!r} carries a lorafx adapter, which resizing would drop; resize before "
         "lorafx.apply (or save_adapter, resize a fresh model, load_adapter)"
     )
-    root.__dict__["resize_token_embeddings"] = RefusedEdit("resize_token_embeddings", message)
-    undo.append(lambda: root.__dict__.pop("resize_token_embeddings", None))
+    _refuse(root, "resize_token_embeddings", message, undo)
 
 
 def _keep_originals(model: nn.Module, regions: list[tuple[str, nn.Module]], data: state.AdapterState, undo: list):
@@ -291,8 +297,7 @@ def _refuse_save_pretrained(root: nn.Module, undo: list) -> None:
     # transformers' save_pretrained writes the whole state_dict, adapters included, under keys the
     # base class does not know: from_pretrained then warns about UNEXPECTED keys and returns the
     # base model. Refusing is the one behaviour that never loses an adapter silently.
-    root.__dict__["save_pretrained"] = RefusedEdit("save_pretrained", SAVE_PRETRAINED_MESSAGE)
-    undo.append(lambda: root.__dict__.pop("save_pretrained", None))
+    _refuse(root, "save_pretrained", SAVE_PRETRAINED_MESSAGE, undo)
 
 
 def _slow_path(module: nn.Module, args: tuple) -> None:

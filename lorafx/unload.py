@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from lorafx import state
-from lorafx.apply import RefusedEdit, _slow_path
+from lorafx.apply import RefusedEdit, _slow_path, swap_regions
 from lorafx.errors import LorafxError
 from lorafx.merge import is_merged, merge, unmerge
 from lorafx.regions import is_region
@@ -40,11 +40,6 @@ def _adopt_tensors(original: nn.Module, region: nn.Module) -> None:
                 mine = _tensor_at(region, prefix, key)
                 if t is not None and mine is not None and mine is not t:
                     store[key] = mine
-
-
-def _set_at(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _strip(root: nn.Module) -> None:
@@ -74,9 +69,9 @@ def _unload(model: nn.Module) -> nn.Module:
     for fqn, region in regions.items():
         _adopt_tensors(data.originals[fqn], region)
     root = data.originals.get("", model)
-    for fqn in sorted(data.originals, key=lambda f: (f.count("."), f)):
-        if fqn:
-            _set_at(root, fqn, data.originals[fqn])
+    # outermost first, through the same swap commit uses (nothing to undo: unload is the undo)
+    order = sorted((f for f in data.originals if f), key=lambda f: (f.count("."), f))
+    swap_regions(root, [(fqn, data.originals[fqn]) for fqn in order], [])
     for m in (model, root):
         _strip(m)
     return root
