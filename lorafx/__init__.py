@@ -28,6 +28,7 @@ from lorafx.training import attach_step
 from lorafx.unload import merge_and_unload, print_trainable_parameters, trainable_parameters, unload
 from lorafx.variants import CapaBoost, CELoRA, DropLoRA, LoRA, MoR, UniLoRA
 from lorafx.verify import verify_merge
+from lorafx.weighted import add_weighted_adapter
 from lorafx.weights import untie
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "UniLoRA",
     "active_adapter",
     "adapter_names",
+    "add_weighted_adapter",
     "apply",
     "attach_step",
     "build_report",

@@ -39,8 +39,17 @@ def resolve_dir(path: str | os.PathLike, error: type[Exception], create: bool = 
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise error(f"{directory}: cannot create the directory ({e.strerror or e})") from None
+            raise error(f"{directory}: cannot create the directory ({_why_not_mkdir(directory, e)})") from None
     return directory
+
+
+def _why_not_mkdir(directory: Path, e: OSError) -> str:
+    """The reason ``mkdir -p directory`` failed; names the file in the way, where mkdir's own reason
+    ("File exists", "Not a directory") does not say which component it is."""
+    for parent in [directory, *directory.parents]:
+        if parent.exists():
+            return f"{parent} is a file, not a directory" if not parent.is_dir() else str(e.strerror or e)
+    return str(e.strerror or e)
 
 
 def read_json_object(path: Path, error: type[Exception], missing_hint: str = "") -> dict:
@@ -135,7 +144,7 @@ def staged_directory(target: Path, error: type[Exception], marker: str) -> Itera
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise error(f"{target.parent}: cannot create the directory ({e.strerror or e})") from None
+        raise error(f"{target.parent}: cannot create the directory ({_why_not_mkdir(target.parent, e)})") from None
     token = uuid.uuid4().hex[:12]
     stage = target.parent / f".{target.name}.tmp-{token}"
     stage.mkdir()

@@ -57,7 +57,9 @@ def read_peft_config(directory: Path) -> dict:
     path = directory / PEFT_CONFIG
     cfg = read_json_object(path, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}")
     if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA; only plain LoRA converts")
+        raise AdapterFileError(
+            f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA; only plain LoRA (and UNILORA, with from_peft) converts"
+        )
     for key, neutral in _UNSUPPORTED.items():
         if key in cfg and cfg[key] not in neutral:
             raise AdapterFileError(f"{path}: {key}={cfg[key]!r} is not supported by lorafx's plain LoRA import")
@@ -98,12 +100,17 @@ def from_peft(
     *,
     allow_nonfinite: bool = False,
 ) -> nn.Module:
-    """Apply a PEFT LoRA checkpoint directory to ``model`` (strictly) and return the model.
+    """Apply a PEFT LoRA (or UNILORA) checkpoint directory to ``model`` (strictly) and return the model.
 
     Example:
         >>> model = lorafx.from_peft(AutoModelForCausalLM.from_config(cfg), "peft-run/checkpoint-100")
     """
     directory = Path(directory).expanduser()
+    raw_cfg = read_json_object(directory / PEFT_CONFIG, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}")
+    if raw_cfg.get("peft_type") == "UNILORA":  # issue 15: Uni-LoRA both ways (lorafx.peft_unilora)
+        from lorafx.peft_unilora import from_peft_unilora
+
+        return from_peft_unilora(model, directory, raw_cfg, name, activate, allow_nonfinite)
     cfg = read_peft_config(directory)
     spec = spec_from_peft_config(model, cfg)
     weights = directory / PEFT_WEIGHTS
@@ -135,13 +142,18 @@ def _with_current_scale(adapter) -> LoRA:
 def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: active) as a PEFT LoRA directory ``PeftModel.from_pretrained`` loads.
 
-    Only sites whose adapter is plain LoRA convert; any other variant is a :class:`SpecError` naming it.
+    Plain LoRA and Uni-LoRA adapters convert (:mod:`lorafx.peft_unilora`); any other variant is a
+    :class:`SpecError` naming it.
     """
     from safetensors.torch import save_file
 
     name = name or state.get(model).active
     data = state.require(model, name)
     sites = {sa.site: sa for sa in state.iter_sites(model).values() if name in sa.adapters}
+    if sites and all(sa.adapters[name].config.name == "unilora" for sa in sites.values()):
+        from lorafx.peft_unilora import to_peft_unilora
+
+        return to_peft_unilora(model, name, sites, directory)
     bad = sorted(f for f, sa in sites.items() if type(sa.adapters[name].config) is not LoRA)
     if bad:
         raise SpecError(f"to_peft converts plain LoRA only; adapter {name!r} has other variants at {bad[:5]}")

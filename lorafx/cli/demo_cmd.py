@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lorafx.cli import demo
+    from lorafx.cli.extras import ONNX, require
     from lorafx.cli.ui import progress
 
     if args.steps < 1:
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise SpecError(f"--skip {','.join(bad)}: unknown check; checks: {', '.join(demo.CHECKS)}")
     checks = tuple(c for c in demo.CHECKS if c not in args.skip)
+    require("transformers", *(ONNX if "onnx" in checks else ()))
     torch.manual_seed(args.seed)
     task = demo.make_teacher_task(seed=args.seed, steps=args.steps)
     rows = []

@@ -13,13 +13,15 @@ modes:
 Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable), --peft DIR (a PEFT
 LoRA checkpoint, weights included), or a spec (--spec FILE, or --variant/--r/--targets), which adds
 freshly initialised adapters: a layout to serve trained adapters with later
-(lorafx.export.AdapterSession.load_adapter). Models are named as for every lorafx subcommand.
+(lorafx.export.AdapterSession.load_adapter). With none of these, the default spec applies (LoRA on
+every linear site, as in inspect). Models are named as for every lorafx subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from lorafx.cli.extras import ONNX, require
 from lorafx.cli.sources import MODEL_HELP, add_spec_arguments, load_model, spec_from_args
 from lorafx.cli.ui import add_command, add_repeatable
 
@@ -58,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     import lorafx
     from lorafx.export import compare_export, to_onnx
 
+    if args.rank is not None and (args.mode == "merged" or args.rank < 1):
+        why = "a merged export has no adapter inputs" if args.mode == "merged" else "it must be at least 1"
+        raise lorafx.SpecError(f"--rank {args.rank}: {why}")
+    require(*ONNX)
     torch.manual_seed(0)
     model = load_model(args.model)
     names = []
@@ -69,16 +75,17 @@ def run(args: argparse.Namespace) -> int:
         name = _adapter_name(directory, names, i)
         model = lorafx.load_adapter(model, directory, name=name, activate=not names)
         names.append(name)
-    spec = spec_from_args(args, model) if _spec_given(args) else None
+    # No adapter and no spec flag: the spec group's documented default (lora on all-linear sites).
+    spec = spec_from_args(args, model) if _spec_given(args) or not names else None
+    if spec is not None and not _spec_given(args):
+        print(f"no --adapter, --peft or spec flags: adding the default spec, {spec.config.name} on all-linear sites")
     if spec is not None:
         count = args.slots if args.mode == "multi" and not names else 1
         for i in range(count):
             name = "default" if count == 1 else f"slot{i}"
             model = lorafx.apply(model, spec, name=name, activate=not names)
             names.append(name)
-    if not names and args.mode != "merged":
-        raise lorafx.SpecError("no adapters: pass --adapter DIR, --spec FILE or --variant NAME")
-    lorafx.set_adapter(model, names[0]) if names else None
+    lorafx.set_adapter(model, names[0])
     inputs = example_inputs(model, args.batch, args.seq)
     res = to_onnx(
         model, inputs, args.out, mode=args.mode, adapters=names if args.mode != "merged" else None, rank=args.rank

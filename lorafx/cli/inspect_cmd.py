@@ -161,43 +161,37 @@ _COLUMNS = (
     ("fuse", "center"),
     ("region", "left"),
 )
+# Left out first when the table is wider than the terminal (site, variant and R always stay): all
+# twelve need ~150 columns on the tiny Llama; without these seven a row fits 100 (--format json has all).
+_DROP_ORDER = ("form", "fuse", "region", "bytes", "FLOPs/token", "matched by", "shape", "merge", "params")
 
 
-def _site_table(report, title: str, matched_only: bool):
+def _rows(report, matched_only: bool) -> list[tuple[list[str], str | None]]:
+    """(cells, style) per table row, in _COLUMNS order, as rich markup."""
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for col, justify in _COLUMNS:
-        table.add_column(col, justify=justify, no_wrap=col in ("site", "region"))
+    rows = []
     for s in report.sites:
         shape = f"{s.in_features}→{s.out_features}"
         if not s.matched:
             if not matched_only:
-                table.add_row(escape(s.fqn), s.form, shape, "–", style="dim")
+                rows.append(([escape(s.fqn), s.form, shape, "–", *[""] * 8], "dim"))
             continue
         rule = s.rule + (f", override {s.override}" if s.override else "")
         region = "(own region)" if s.region == s.fqn else (s.region or "(whole model)")
-        numbers = (str(s.rank), f"{s.params:,}", f"{s.flops_per_token:,}", _bytes(s.bytes))
-        table.add_row(
-            escape(s.fqn),
-            s.form,
-            shape,
-            escape(rule),
-            s.variant,
-            *numbers,
-            _yes(s.mergeable),
-            _yes(s.fusable),
-            escape(region),
-        )
+        numbers = [str(s.rank), f"{s.params:,}", f"{s.flops_per_token:,}", _bytes(s.bytes)]
+        cells = [escape(s.fqn), s.form, shape, escape(rule), s.variant, *numbers]
+        rows.append(([*cells, _yes(s.mergeable), _yes(s.fusable), escape(region)], None))
     for sh in report.shared:
-        table.add_row(
-            f"lorafx_shared.{sh.key}", "shared", *[""] * 4, f"{sh.params:,}", "", _bytes(sh.bytes), style="italic"
-        )
+        cells = [f"lorafx_shared.{sh.key}", "shared", *[""] * 4, f"{sh.params:,}", "", _bytes(sh.bytes), "", "", ""]
+        rows.append((cells, "italic"))
+    return rows
+
+
+def _total_row(report) -> list[str]:
     t = report.totals()
-    table.add_section()
-    numbers = (f"{t['trainable_params']:,}", f"{t['flops_per_token']:,}", _bytes(t["bytes"]))
-    table.add_row(
+    numbers = [f"{t['trainable_params']:,}", f"{t['flops_per_token']:,}", _bytes(t["bytes"])]
+    return [
         "total",
         "",
         "",
@@ -208,9 +202,43 @@ def _site_table(report, title: str, matched_only: bool):
         _yes(t["mergeable"]),
         "",
         f"{t['regions']} regions",
-        style="bold",
-    )
-    return table
+    ]
+
+
+def fit_columns(widths: dict[str, int], width: int) -> list[str]:
+    """The columns of _COLUMNS to show so the table fits ``width`` terminal columns (``widths``: the
+    widest cell of each); drops them in _DROP_ORDER. rich draws one border and two padding cells per
+    column plus the closing border, hence ``+ 3`` and ``+ 1``."""
+    shown = [name for name, _ in _COLUMNS]
+    for name in _DROP_ORDER:
+        if sum(widths[c] + 3 for c in shown) + 1 <= width:
+            break
+        shown.remove(name)
+    return shown
+
+
+def _site_table(report, title: str, matched_only: bool, width: int):
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = _rows(report, matched_only)
+    total = _total_row(report)
+    names = [name for name, _ in _COLUMNS]
+    cell_len = [
+        max([len(name)] + [Text.from_markup(r[i]).cell_len for r, _ in rows] + [Text.from_markup(total[i]).cell_len])
+        for i, name in enumerate(names)
+    ]
+    shown = fit_columns(dict(zip(names, cell_len, strict=True)), width)
+    keep = [i for i, name in enumerate(names) if name in shown]
+    table = Table(title=title, title_justify="left")
+    for i in keep:
+        name, justify = _COLUMNS[i]
+        table.add_column(name, justify=justify, no_wrap=name in ("site", "region"))
+    for cells, style in rows:
+        table.add_row(*(cells[i] for i in keep), style=style)
+    table.add_section()
+    table.add_row(*(total[i] for i in keep), style="bold")
+    return table, [n for n in names if n not in shown]
 
 
 def _summary(report) -> list[str]:
@@ -241,12 +269,16 @@ def _summary(report) -> list[str]:
 
 
 def print_report(report, con, source: str = "", matched_only: bool = False) -> None:
-    """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console."""
+    """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console,
+    with as many columns as fit the console's width (the rest are named below the table)."""
     t = report.totals()
-    con.print(
-        _site_table(
-            report, f"{source or report.model}: {t['matched']} of {t['sites']} linear sites adapted", matched_only
+    title = f"{source + ' ' if source else ''}({report.model}): {t['matched']} of {t['sites']} linear sites adapted"
+    table, dropped = _site_table(report, title, matched_only, con.width)
+    con.print(table)
+    if dropped:
+        con.print(
+            f"[dim]columns left out to fit {con.width} columns: {', '.join(dropped)} "
+            "(--format json has every field; a wider terminal or COLUMNS=160 shows them)[/]"
         )
-    )
     for line in _summary(report):
         con.print(line)

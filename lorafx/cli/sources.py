@@ -21,8 +21,10 @@ import importlib
 import importlib.util
 import inspect
 import json
+import sys
 from pathlib import Path
 
+from lorafx.cli.extras import missing_extra_message
 from lorafx.cli.ui import add_repeatable
 from lorafx.errors import LorafxError, SpecError
 
@@ -91,7 +93,11 @@ def _builtin(name: str, seed: int):
     try:
         # random-weight built-ins take a seed; the pretrained MiniLM does not
         return factory(seed=seed) if "seed" in inspect.signature(factory).parameters else factory()
-    except (RuntimeError, ImportError) as e:
+    except ImportError as e:
+        if missing_extra_message(e) is not None:
+            raise  # the CLI names the extra to install (lorafx.cli.extras)
+        raise SourceError(f"{DEMO}{name}: {e}") from None
+    except RuntimeError as e:
         raise SourceError(f"{DEMO}{name}: {e}") from None
 
 
@@ -111,11 +117,20 @@ def _transformers_dir(path: Path, seed: int):
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         if any((path / f).is_file() for f in _WEIGHT_FILES):
-            return (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)
-        torch.manual_seed(seed)  # config only: seeded random weights, reproducible across runs
-        return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            model = (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)
+        else:
+            torch.manual_seed(seed)  # config only: seeded random weights, reproducible across runs
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SourceError(f"{path}: transformers cannot load it: {str(e).splitlines()[0]}") from None
+    if cls is None:  # say so: a user who meant a ForCausalLM would otherwise inspect a model without its head
+        why = f"names {arch!r}, which transformers does not have" if arch else "names no `architectures`"
+        print(
+            f"lorafx: note: {path / 'config.json'} {why}: built the bare base model {type(model).__name__} "
+            "(no task head)",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _factory(source: str):

@@ -78,7 +78,10 @@ def _site_layout(site: str, present: list[Adapter], tensors: list[dict], rank: i
     forms = {form_of(a) for a in present}
     variants = sorted({a.config.name for a in present})
     if forms == {"canonical"}:
-        R = max([t["A"].shape[0] for t in tensors] + [rank or 0])
+        widest = max(t["A"].shape[0] for t in tensors)
+        if rank is not None and rank < widest:  # a graph narrower than its adapter would drop rank rows
+            raise ExportError(f"site {site!r}: rank={rank} is below the adapter's rank {widest}; pass rank >= {widest}")
+        R = max(widest, rank or 0)
         shapes = {"A": [R, a0.in_features], "B": [a0.out_features, R], SCALE: [1]}
         return SiteLayout(site, "canonical", "+".join(variants), a0.in_features, a0.out_features, shapes, a0)
     keys = {tuple(sorted(t)) for t in tensors}
