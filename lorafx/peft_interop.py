@@ -106,7 +106,9 @@ def from_peft(
         >>> model = lorafx.from_peft(AutoModelForCausalLM.from_config(cfg), "peft-run/checkpoint-100")
     """
     directory = Path(directory).expanduser()
-    raw_cfg = read_json_object(directory / PEFT_CONFIG, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}")
+    raw_cfg = read_json_object(
+        directory / PEFT_CONFIG, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}"
+    )
     if raw_cfg.get("peft_type") == "UNILORA":  # issue 15: Uni-LoRA both ways (lorafx.peft_unilora)
         from lorafx.peft_unilora import from_peft_unilora
 
