@@ -88,3 +88,16 @@ def test_unsupported_unilora_config_is_refused_by_name(tmp_path):
     with pytest.raises(lorafx.AdapterFileError, match=r"lorafx_shared.unilora.theta.*shape \[500\].*\[501\]"):
         lorafx.from_peft(base, tmp_path)
     assert not any(isinstance(m, lorafx.SiteAdapters) for m in base.modules())
+
+
+def test_cli_inspect_reads_a_peft_unilora_directory(tmp_path, capsys):
+    from lorafx.cli import main
+
+    pm = peft_unilora(False)
+    pm.save_pretrained(tmp_path)
+    assert main(["inspect", "demo:tiny-llama", "--peft", str(tmp_path), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["trainable_params"] == 500  # the one shared vector, theta_d_length
+    matched = sorted(s["fqn"] for s in report["sites"] if s["matched"])
+    assert matched == sorted(n for n, m in pm.base_model.model.named_modules() if hasattr(m, "unilora_indices_A"))
+    assert {s["variant"] for s in report["sites"] if s["matched"]} == {"unilora"}

@@ -200,8 +200,15 @@ def spec_from_args(args: argparse.Namespace, model):
     if args.spec is not None:
         return read_spec_file(Path(args.spec))
     if args.peft is not None:
-        from lorafx.peft_interop import read_peft_config, spec_from_peft_config
+        from lorafx.errors import AdapterFileError
+        from lorafx.files import read_json_object
+        from lorafx.peft_interop import PEFT_CONFIG, read_peft_config, spec_from_peft_config
+        from lorafx.peft_unilora import PEFT_TYPE, spec_from_peft_unilora
 
+        path = Path(args.peft) / PEFT_CONFIG
+        cfg = read_json_object(path, AdapterFileError, f"a PEFT adapter directory holds {PEFT_CONFIG}")
+        if cfg.get("peft_type") == PEFT_TYPE:
+            return spec_from_peft_unilora(cfg, path)
         return spec_from_peft_config(model, read_peft_config(Path(args.peft)))
     return inline_spec(args)
 
