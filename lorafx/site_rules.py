@@ -22,7 +22,14 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
 * **Shared weights** (found by storage, :mod:`lorafx.weights`). When every holder of a weight is a
   selected linear site with the same config, they share one adapter (``tied_to``): every use
   computes ``W + ΔW`` and merge writes ΔW once. Otherwise (tied embeddings, a holder the spec does
-  not select) the site is refused with the fix: select every holder, or ``lorafx.untie`` first.
+  not select) the site is refused with the fix: select every holder, or ``lorafx.untie`` first. An
+  embedding and a linear sharing one weight (tied ``embed_tokens``/``lm_head``) are refused together:
+  one adapter cannot be both a lookup's ``ΔE`` and the head's ``ΔW`` layout (untie, or adapt one only).
+* **Convolutions and embeddings** (:mod:`lorafx.site_kinds`): a subclass with its own forward, a
+  grouped convolution, a non-zero ``padding_mode`` or an embedding with ``max_norm`` is refused
+  (:func:`lorafx.site_kinds.kind_refusal`); a variant whose lowering depends on the input (MoR's
+  router, DropLoRA's per-token mask, CE-LoRA's SVD backward of a 2-D W) is refused at these sites by
+  name (its config's ``site_kinds``).
 
 "all-linear" silently skips refused sites (``lorafx inspect`` lists them with the reason); a target
 that names one is a :class:`~lorafx.errors.SpecError` with the reason.
@@ -37,6 +44,8 @@ import re
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lorafx import site_kinds
+from lorafx.config import variant_class, variant_names
 from lorafx.quantized import needs_own_forward, quantized_kind
 from lorafx.regions import is_region
 from lorafx.weights import other_users, weight_users
@@ -120,6 +129,8 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
         if is_region(site.module):
             continue  # a lorafx region: its rules were applied when it was made
         site.refused = _behaviour_refusal(site.module)
+        if site.kind != site_kinds.LINEAR:
+            site.refused = site_kinds.kind_refusal(site.module) or _variant_refusal(site)
         site.quantized = quantized_kind(site.module)
         if site.quantized and site.refused is None and site.selected and site.config.name == "celora":
             site.refused = f"CE-LoRA needs the dense base weight (SVD, exact backward); this base is {site.quantized}"
@@ -141,6 +152,16 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
     _share_or_refuse(model, sites)
 
 
+def _variant_refusal(site) -> str | None:
+    if not site.selected or site.kind in getattr(site.config, "site_kinds", (site_kinds.LINEAR,)):
+        return None
+    fit = [n for n in variant_names() if site.kind in variant_class(n).site_kinds]
+    return (
+        f"variant {site.config.name!r} does not carry over to {site.kind} sites (its adapter depends on the "
+        f"input per token or on a 2-D weight); variants that do: {', '.join(fit)}"
+    )
+
+
 def _share_or_refuse(model: nn.Module, sites: dict) -> None:
     users = weight_users(model)
     for fqn, site in sites.items():
@@ -153,6 +174,13 @@ def _share_or_refuse(model: nn.Module, sites: dict) -> None:
         partners = [h for h in holders if h in sites and sites[h].selected and not sites[h].refused]
         missing = [u for u, h in zip(others, holders, strict=True) if h not in partners or not u.endswith(".weight")]
         differ = [h for h in partners if sites[h].config != site.config]
+        kinds = [h for h in partners if sites[h].kind != site.kind]
+        if kinds:
+            site.refused = (
+                f"its weight is shared with {others} (tied) as a {site.kind} and a {sites[kinds[0]].kind} site; one "
+                f"adapter cannot fit both layouts. Adapt one use only after lorafx.untie(model, [{fqn!r}])"
+            )
+            continue
         if missing or differ:
             fix = f"select {missing} too" if missing else f"give {differ} the same config"
             site.refused = (

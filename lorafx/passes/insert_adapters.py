@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from lorafx import site_kinds
 from lorafx.adapter import SiteAdapters
 from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
@@ -99,6 +100,22 @@ def _operands(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node, f
     return x, w, b
 
 
+def _kind_site(gm: fx.GraphModule, site: LinearSite, low: fx.Node) -> fx.Node:
+    """The evaluator call of a convolution or embedding site (:mod:`lorafx.site_kinds`)."""
+    node = site.node
+    if site.form == "call_module":
+        mod = gm.get_submodule(node.target)
+        x, w = node.args[0], gm.graph.get_attr(f"{node.target}.weight")
+        b = gm.graph.get_attr(f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+    else:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if site.kind == site_kinds.EMBEDDING:
+        return gm.graph.call_function(site_kinds.lora_embedding, (x, w, low, site.options))
+    return gm.graph.call_function(site_kinds.lora_conv, (x, w, b, low, site.options))
+
+
 def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefix: str = "") -> PassResult:
     """Return a new GraphModule in which every call of every site named in ``sites`` calls ``lora_linear``.
 
@@ -124,7 +141,11 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
         key = site_key(local)
         for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
             with new.graph.inserting_before(site.node):
-                if adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
+                if site.kind != site_kinds.LINEAR:
+                    x = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = _kind_site(new, site, low)
+                elif adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
                     x = site.node.args[0]
                     sites_node = new.graph.get_attr(f"{CONTAINER}.{key}")
                     low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
