@@ -135,7 +135,11 @@ def test_merge_unmerge_and_verify_merge():
     assert_close(merged, unmerged)
     assert_close(again, unmerged)
     report = lorafx.verify_merge(fx_model, x)
-    assert report is not None
+    assert report["sites"] == len(TARGETS) and report["max_abs_diff"] < 1e-5
+    plain = lorafx.merge_and_unload(fx_model)  # the original modules back, with W + ΔW
+    assert type(plain.c2) is nn.Conv2d and type(plain.emb) is nn.Embedding
+    with torch.no_grad():
+        assert_close(plain(*x), unmerged)
 
 
 def test_dilated_conv_merged_equals_unmerged():
@@ -284,3 +288,10 @@ def test_onnx_unmerged_feeds_conv_and_embedding_adapters_and_multi_is_refused(tm
     assert {s["site"] for s in manifest["sites"]} == set(TARGETS)
     with pytest.raises(lorafx.LorafxError, match="per-row adapters .* not supported at (convolution|embedding) sites"):
         to_onnx(fx_model, _inputs(), tmp_path / "m", mode="multi")
+
+
+def test_inspect_counts_conv_per_output_position_and_embedding_without_its_lookup():
+    rows = {r.fqn: r for r in lorafx.build_report(_base(), lorafx.Spec(lorafx.LoRA(r=2), TARGETS)).sites}
+    assert rows["emb"].flops_per_token == 2 * 2 * 8  # h = Aᵀ[ids] is a gather; only h Bᵀ multiplies
+    assert rows["c2"].flops_per_token == 2 * 2 * (3 * 3 * 3 + 5)  # x Aᵀ over a 3×3×3 receptive field, then B
+    assert (rows["c2"].module_type, rows["emb"].module_type) == ("Conv2d", "Embedding")
