@@ -137,6 +137,7 @@ class SiteAdapters(nn.Module):
         self.quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind)
         self.kind = "linear"  # "linear" | "conv" | "embedding" (lorafx.site_kinds)
         self.weight_shape: tuple[int, ...] | None = None  # a conv's kernel shape, which ΔW [d_out, d_in] folds into
+        self.weight_name = "weight"  # the site module's weight attribute ("in_proj_weight" for MultiheadAttention)
         self.__dict__["_base"] = None  # bitsandbytes: the module whose own forward computes the base term
 
     @property
@@ -175,7 +176,9 @@ class SiteAdapters(nn.Module):
         adapter = self._slot
         if adapter is None:  # disabled or merged
             return None
-        if self.kind == "embedding":  # token ids: no input dropout (PEFT's lora.Embedding has none either)
+        if self.kind in ("embedding", "mha", "mha_out"):
+            # token ids / a module that takes weights: no input dropout (PEFT's lora.Embedding has none;
+            # its lora.MultiheadAttention merges the weights before the call)
             return Lowered(x, *adapter.effective_weights())
         return adapter.lower(x)
 

@@ -131,6 +131,9 @@ def build(p: Plan) -> Prepared:
                 sa.quantized = site.quantized
                 sa.kind = site.kind
                 sa.weight_shape = tuple(site.weight.shape) if site.kind == site_kinds.CONV else None
+                sa.weight_name = site.weight_name
+                if site.kind == site_kinds.MHA:  # lora_mha calls the module itself, on adapted weights
+                    sa.set_base(site.module)
                 if needs_own_forward(site.module):
                     sa.set_base(site.module)
                 sa.train(a.training)

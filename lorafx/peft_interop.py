@@ -115,6 +115,7 @@ def from_peft(
         raise AdapterFileError(f"{weights}: no such file (nor adapter_model.bin)")
     tensors = {}
     for key, t in raw.items():
+        key = key.replace(".base_layer.out_proj.", ".out_proj.")  # PEFT wraps a MultiheadAttention's out_proj
         m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
         m = m or re.fullmatch(
             rf"{re.escape(_PREFIX)}(.+)\.lora_embedding_([AB])(?:\.{re.escape(name)}|\.default)?", key
@@ -184,8 +185,10 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
             )
     tensors = {}
     for f, sa in sites.items():
+        # PEFT adapts a MultiheadAttention as one module and keeps its out_proj under base_layer
+        where = f"{f.rpartition('.')[0]}.base_layer.out_proj" if sa.kind == site_kinds.MHA_OUT else f
         for key, t in _peft_tensors(sa, sa.adapters[name]).items():
-            tensors[f"{_PREFIX}{f}.{key}"] = t.contiguous().cpu()
+            tensors[f"{_PREFIX}{where}.{key}"] = t.contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -194,7 +197,7 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         "lora_alpha": base.alpha,
         "lora_dropout": base.dropout,
         "use_rslora": base.rslora,
-        "target_modules": sorted(sites),
+        "target_modules": sorted(f for f, sa in sites.items() if sa.kind != site_kinds.MHA_OUT),
         "rank_pattern": {f: c.r for f, c in configs.items() if c.r != base.r},
         "alpha_pattern": {f: c.alpha for f, c in configs.items() if c.alpha != base.alpha},
         "fan_in_fan_out": any(sa.fan_in_fan_out and sa.kind == site_kinds.LINEAR for sa in sites.values()),

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from lorafx import site_kinds
 from lorafx.passes.find_sites import find_sites, is_site_module
-from lorafx.passes.insert_adapters import CONTAINER, has_hooks
+from lorafx.passes.insert_adapters import CARRIED_ATTRS, CONTAINER, has_hooks
 
 
 @dataclass
@@ -108,6 +108,8 @@ def _leaf_graph(module: nn.Module) -> fx.GraphModule:
     x = graph.placeholder("input")
     w = graph.get_attr("weight")
     kind = site_kinds.kind_of(module)
+    if kind == site_kinds.MHA:
+        return _mha_leaf_graph(module)
     if kind == site_kinds.EMBEDDING:
         padding_idx, scale_grad_by_freq, sparse = site_kinds.embedding_options(module)
         graph.output(graph.call_function(F.embedding, (x, w, padding_idx, None, 2.0, scale_grad_by_freq, sparse)))
@@ -122,6 +124,26 @@ def _leaf_graph(module: nn.Module) -> fx.GraphModule:
     b = graph.get_attr("bias") if getattr(module, "bias", None) is not None else None
     graph.output(graph.call_function(F.linear, (x, w, b)))
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def _mha_leaf_graph(module: nn.Module) -> fx.GraphModule:
+    """An ``nn.MultiheadAttention`` as its own region: its forward's signature and one
+    :func:`~lorafx.site_kinds.mha_leaf` call; the region keeps every parameter and child under the
+    module's own names, and the plain attributes ``nn.TransformerEncoderLayer`` reads (``batch_first``, ...)."""
+    graph = fx.Graph()
+    params = list(inspect.signature(nn.MultiheadAttention.forward).parameters.values())[1:]
+    nodes = [graph.placeholder(p.name, default_value=p.default) for p in params]
+    graph.output(
+        graph.call_function(
+            site_kinds.mha_leaf, tuple(nodes[:3]), {p.name: n for p, n in zip(params[3:], nodes[3:], strict=True)}
+        )
+    )
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm._parameters.update(module._parameters)
+    gm._modules.update(module._modules)
+    for name in CARRIED_ATTRS:
+        setattr(gm, name, getattr(module, name))
+    return gm
 
 
 def _contains(prefix: str, fqn: str) -> bool:
@@ -144,8 +166,8 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
             return
         wanted = [local(prefix, s) if s != prefix else "" for s in pending]
         if is_site_module(module) and not is_region(module):
-            if prefix in pending:
-                regions.append(Region(prefix, module, _leaf_graph(module), [""]))
+            if prefix in pending:  # a MultiheadAttention's region holds its out_proj site too
+                regions.append(Region(prefix, module, _leaf_graph(module), [""] + [w for w in wanted if w]))
             return
         # A submodule with hooks would lose them inside a region (traced through, or its call
         # rewritten): such a module is not a region, its children are tried (the hooked module itself

@@ -32,7 +32,8 @@ from lorafx.canonical import Lowered, expand
 from lorafx.errors import SpecError
 
 LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"
-SITE_KINDS = (LINEAR, CONV, EMBEDDING)
+MHA, MHA_OUT = "mha", "mha_out"  # nn.MultiheadAttention's in_proj_weight [3E, E], and its out_proj
+SITE_KINDS = (LINEAR, CONV, EMBEDDING, MHA, MHA_OUT)
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -44,6 +45,8 @@ def kind_of(module: nn.Module) -> str | None:
         return CONV
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     return None
 
 
@@ -51,6 +54,8 @@ def features(module: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a conv or embedding site in the canonical form (see the module docstring)."""
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, 3 * module.embed_dim
     w = module.weight
     return int(w.shape[1]) * math.prod(w.shape[2:]), int(w.shape[0])
 
@@ -71,6 +76,8 @@ def kind_refusal(module: nn.Module) -> str | None:
     kind = kind_of(module)
     if kind is None:
         return None
+    if kind == MHA:
+        return mha_refusal(module)
     base = CONV_MODULES[module.weight.dim() - 3] if kind == CONV else nn.Embedding
     if type(module).forward is not base.forward:
         return (
@@ -93,10 +100,12 @@ def _one_node(fn: Callable) -> Callable:
     """Re-tracing a rewritten region (unpickling) records ``fn`` as one node, as for the linear sites."""
 
     @functools.wraps(fn)
-    def site(x, *args):
-        if isinstance(x, fx.Proxy):
-            return x.tracer.create_proxy("call_function", site, (x, *args), {})
-        return fn(x, *args)
+    def site(x, *args, **kwargs):
+        # lora_mha's first operand is a module (re-tracing hands it over as itself): look at every operand
+        proxy = next((a for a in (x, *args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", site, (x, *args), kwargs)
+        return fn(x, *args, **kwargs)
 
     return site
 
@@ -138,6 +147,47 @@ def lora_embedding(x: Tensor, weight: Tensor, low: Lowered | None, options: tupl
     return expand(y, h, low.B, low.scale)
 
 
+def mha_refusal(module: nn.Module) -> str | None:
+    """Why an ``nn.MultiheadAttention`` cannot be adapted, or None."""
+    if type(module).forward is not nn.MultiheadAttention.forward:
+        return f"{type(module).__name__} has its own forward (an nn.MultiheadAttention subclass)"
+    if not module._qkv_same_embed_dim:
+        return "separate q/k/v weights (kdim/vdim differ from embed_dim): no in_proj_weight to adapt (PEFT refuses too)"
+    if not isinstance(module.out_proj, nn.Linear):
+        return f"its out_proj is a {type(module.out_proj).__name__}, not an nn.Linear"
+    return None
+
+
+def mha_leaf(query, key, value, *args, **kwargs):
+    """Marks the call of an ``nn.MultiheadAttention`` that is its own region (its graph cannot call
+    itself as a module); :mod:`lorafx.passes.insert_adapters` replaces it by :func:`lora_mha`."""
+    raise RuntimeError("an un-rewritten MultiheadAttention region ran; this is a lorafx bug")
+
+
+def _dense_delta(low: Lowered, weight: Tensor) -> Tensor:
+    _check_plain(low, "MultiheadAttention")
+    scale = torch.as_tensor(low.scale, device=low.B.device).to(low.B.dtype)
+    return ((low.B * scale) @ low.A).to(weight.dtype)
+
+
+@_one_node
+def lora_mha(sites, low_in: Lowered | None, low_out: Lowered | None, *args, **kwargs):
+    """``nn.MultiheadAttention`` (``sites.base``) run with ``in_proj_weight + s·BA`` and
+    ``out_proj.weight + s·BA``: its real computation, every option and its own eval fast path included,
+    on the adapted weights (PEFT 0.21's ``lora.MultiheadAttention`` computes the same weights). The two
+    ΔW are dense ([3E, E] and [E, E]): the module's fused attention takes weights, not a low-rank path;
+    at E = 1024 that is 2·4·E²·r FLOPs per call, what 4·E·r-FLOP tokens cost once T > E."""
+    mha = sites.base
+    params = {}
+    if low_in is not None:
+        params["in_proj_weight"] = mha.in_proj_weight + _dense_delta(low_in, mha.in_proj_weight)
+    if low_out is not None:
+        params["out_proj.weight"] = mha.out_proj.weight + _dense_delta(low_out, mha.out_proj.weight)
+    if not params:
+        return mha(*args, **kwargs)
+    return torch.func.functional_call(mha, params, args, kwargs, tie_weights=False, strict=False)
+
+
 def _check_plain(low: Lowered, kind: str) -> None:
     # The plan refuses gated variants at these sites; a stacked (per-row) adapter is export's multi mode.
     if low.A.dim() != 2:
@@ -146,7 +196,7 @@ def _check_plain(low: Lowered, kind: str) -> None:
         raise SpecError(f"an input-dependent adapter (gate, own base term) cannot run at a {kind} site")
 
 
-KIND_EVALUATORS = {CONV: lora_conv, EMBEDDING: lora_embedding}
+KIND_EVALUATORS = {CONV: lora_conv, EMBEDDING: lora_embedding, MHA: lora_mha}
 
 
 def is_kind_site_call(node) -> bool:

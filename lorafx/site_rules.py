@@ -129,13 +129,18 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
         if is_region(site.module):
             continue  # a lorafx region: its rules were applied when it was made
         site.refused = _behaviour_refusal(site.module)
-        if site.kind != site_kinds.LINEAR:
+        if site.kind not in (site_kinds.LINEAR, site_kinds.MHA_OUT):
             site.refused = site_kinds.kind_refusal(site.module) or _variant_refusal(site)
+        elif site.kind == site_kinds.MHA_OUT:
+            site.refused = site.refused or _variant_refusal(site)
         site.quantized = quantized_kind(site.module)
         if site.quantized and site.refused is None and site.selected and site.config.name == "celora":
             site.refused = f"CE-LoRA needs the dense base weight (SVD, exact backward); this base is {site.quantized}"
         parent_fqn, parent = _parent(fqn, modules)
-        if site.refused is None and isinstance(parent, _DIRECT_READERS):
+        mha = sites.get(parent_fqn) if site.kind == site_kinds.MHA_OUT else None
+        if mha is not None and mha.kind == site_kinds.MHA and mha.selected and mha.refused is None:
+            pass  # adapted together with its MultiheadAttention, whose call runs it (lorafx.site_kinds.lora_mha)
+        elif site.refused is None and (isinstance(parent, _DIRECT_READERS) or site.kind == site_kinds.MHA_OUT):
             site.refused = (
                 f"{type(parent).__name__} {parent_fqn!r} reads this weight directly (F.multi_head_attention_forward) "
                 "and never calls the module, so an adapter here would never run"
@@ -167,7 +172,7 @@ def _share_or_refuse(model: nn.Module, sites: dict) -> None:
     for fqn, site in sites.items():
         if not site.selected or site.refused or site.tied_to:
             continue
-        others = other_users(users, site.weight, f"{fqn}.weight")
+        others = other_users(users, site.weight, f"{fqn}.{site.weight_name}")
         if not others:
             continue
         holders = [u.rpartition(".")[0] for u in others]

@@ -244,9 +244,7 @@ def print_report(report, con, source: str = "", matched_only: bool = False) -> N
     """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console."""
     t = report.totals()
     con.print(
-        _site_table(
-            report, f"{source or report.model}: {t['matched']} of {t['sites']} linear sites adapted", matched_only
-        )
+        _site_table(report, f"{source or report.model}: {t['matched']} of {t['sites']} sites adapted", matched_only)
     )
     for line in _summary(report):
         con.print(line)

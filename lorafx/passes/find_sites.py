@@ -150,6 +150,16 @@ def _kind_function_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> Linea
     return None
 
 
+def _mha_sites(mha: nn.Module, node: fx.Node, fqn: str) -> list[LinearSite]:
+    """An ``nn.MultiheadAttention`` call uses two weights: ``in_proj_weight`` [3E, E] (site ``fqn``)
+    and ``out_proj.weight`` (site ``fqn.out_proj``, read without calling ``out_proj``)."""
+    e = mha.embed_dim
+    return [
+        LinearSite(node, fqn, node.op, e, 3 * e, False, "MultiheadAttention", site_kinds.MHA),
+        LinearSite(node, _join(fqn, "out_proj"), node.op, e, e, False, "Linear", site_kinds.MHA_OUT),
+    ]
+
+
 def _kind_module_site(mod: nn.Module, node: fx.Node, prefix: str) -> LinearSite:
     kind = site_kinds.kind_of(mod)
     d_in, d_out = site_kinds.features(mod)
@@ -176,12 +186,16 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> list[LinearSite]:
             elif _is_conv1d(mod):
                 d_in, d_out = mod.weight.shape
                 sites.append(LinearSite(node, _join(prefix, node.target), "call_module", d_in, d_out, True, "Conv1D"))
+            elif isinstance(mod, nn.MultiheadAttention):
+                sites += _mha_sites(mod, node, _join(prefix, node.target))
             elif site_kinds.kind_of(mod) is not None:
                 sites.append(_kind_module_site(mod, node, prefix))
         elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
             site = _function_site(gm, node, prefix, "call_function")
             if site is not None:
                 sites.append(site)
+        elif node.op == "call_function" and node.target is site_kinds.mha_leaf:  # an MHA that is its own region
+            sites += _mha_sites(gm, node, prefix)
         elif node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is F.embedding):
             site = _kind_function_site(gm, node, prefix)
             if site is not None:

@@ -47,6 +47,12 @@ HOOK_DICTS = (
 )
 
 
+# Plain attributes of a MultiheadAttention region (lorafx.regions), carried to every copy:
+# nn.TransformerEncoderLayer reads them from its self_attn (batch_first, num_heads, ...) before it
+# decides on its fast path.
+CARRIED_ATTRS = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim")
+
+
 def has_hooks(module: nn.Module) -> bool:
     """True when ``module`` has any forward or backward hook of its own."""
     return any(getattr(module, d, None) for d in HOOK_DICTS)
@@ -78,6 +84,9 @@ def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_nam
     new._buffers.update(gm._buffers)
     new._non_persistent_buffers_set |= gm._non_persistent_buffers_set
     new.training = gm.training
+    for name in CARRIED_ATTRS:
+        if name in gm.__dict__:
+            new.__dict__[name] = gm.__dict__[name]
     carry_hooks(gm, new)
     if "_lorafx" in gm.__dict__:  # a whole-model region carries the model's adapter state (lorafx.state)
         new.__dict__["_lorafx"] = gm.__dict__["_lorafx"]
@@ -116,6 +125,18 @@ def _kind_site(gm: fx.GraphModule, site: LinearSite, low: fx.Node) -> fx.Node:
     return gm.graph.call_function(site_kinds.lora_conv, (x, w, b, low, site.options))
 
 
+def _mha_site(gm: fx.GraphModule, site: LinearSite, local: str, sites: Mapping[str, SiteAdapters]) -> fx.Node:
+    """``lora_mha(sites, low_in, low_out, *call args)`` for a MultiheadAttention call (module or leaf)."""
+    node = site.node
+    query = node.args[0] if node.args else node.kwargs["query"]
+    key = site_key(local)
+    low_in = gm.graph.call_module(f"{CONTAINER}.{key}", (query,))
+    out = f"{local}.out_proj" if local else "out_proj"
+    low_out = gm.graph.call_module(f"{CONTAINER}.{site_key(out)}", (query,)) if out in sites else None
+    sa = gm.graph.get_attr(f"{CONTAINER}.{key}")
+    return gm.graph.call_function(site_kinds.lora_mha, (sa, low_in, low_out, *node.args), dict(node.kwargs))
+
+
 def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefix: str = "") -> PassResult:
     """Return a new GraphModule in which every call of every site named in ``sites`` calls ``lora_linear``.
 
@@ -137,11 +158,15 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
     for local, adapters in sites.items():
         container[site_key(local)] = adapters
     new.add_submodule(CONTAINER, container)
-    for local in sites:
+    for local, adapters in sites.items():
         key = site_key(local)
         for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
             with new.graph.inserting_before(site.node):
-                if site.kind != site_kinds.LINEAR:
+                if site.kind == site_kinds.MHA_OUT:
+                    continue  # rewritten with its MultiheadAttention's call (the same node)
+                if site.kind == site_kinds.MHA:
+                    y = _mha_site(new, site, local, sites)
+                elif site.kind != site_kinds.LINEAR:
                     x = site.node.args[0] if site.node.args else site.node.kwargs["input"]
                     low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
                     y = _kind_site(new, site, low)

@@ -77,7 +77,7 @@ class LoRA(LoRAFields):
 
     name: ClassVar[str] = "lora"
     # no input-dependent part: Aᵉ/Bᵉ fit a conv kernel and an embedding table as they fit a linear
-    site_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding", "mha", "mha_out")
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> LoRAAdapter:
         return LoRAAdapter(self, in_features, out_features, site)
