@@ -13,7 +13,11 @@ An embedding ``E [V, D]`` is a linear on one-hot inputs with ``W = Eᵀ`` (``d_i
 ``lora_embedding_B [D, r]``). PEFT applies no dropout to embedding adapters; neither does lorafx (the
 site lowers from :meth:`Adapter.effective_weights`).
 
-Only variants whose Aᵉ/Bᵉ do not depend on the input fit these forms (:data:`SITE_KINDS`). The
+An ``nn.MultiheadAttention`` multiplies by ``in_proj_weight [3E, E]`` and ``out_proj.weight`` inside
+its own forward (and its eval fast path), never calling ``out_proj``: targeting the module adapts both
+(PEFT 0.21's ``lora.MultiheadAttention``), and :func:`lora_mha` runs the module on ``W + s·BA``.
+
+Only variants whose Aᵉ/Bᵉ do not depend on the input fit these forms (their config's ``site_kinds``). The
 evaluators here are out of place and cast the adapter operands, so eager mode, ``torch.compile`` and
 ONNX export (merged and unmerged) run the same code.
 """

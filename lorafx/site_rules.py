@@ -13,8 +13,9 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
   ``orthogonal``) is computed on every read, so merge could not write into it: refused, with the fix.
   A weight that is not a registered Parameter (old-style hook ``weight_norm``): refused.
 * **Weights read without a call.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to
-  ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there would never run.
-  Refused. Likewise any parent whose ``forward`` computes with ``self.<child>.weight``
+  ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there alone would never
+  run. Refused, unless the MultiheadAttention itself is adapted (a site of kind ``"mha"``, which
+  selects its ``out_proj`` too and runs both adapters in its call: :func:`lorafx.site_kinds.lora_mha`). Likewise any parent whose ``forward`` computes with ``self.<child>.weight``
   (:func:`direct_read`, read from the parent's source; a traced parent is checked on its graph in
   :mod:`lorafx.plan`). ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
   directly: those sites are adapted and the layer's fast path is turned off (``slow_path``: the
