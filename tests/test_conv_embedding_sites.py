@@ -2,6 +2,7 @@
 files, ONNX (merged and unmerged, in onnxruntime), torch.compile, variants that carry over, refusals."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -164,12 +165,17 @@ def test_adapter_files_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
-def test_onnx_export_matches_eager(mode):
+def test_onnx_export_matches_eager(mode, tmp_path):
     pytest.importorskip("onnxruntime")
-    from lorafx.export import check_onnx
+    from lorafx.export import to_onnx
+    from lorafx.export.check import compare_export
 
     fx_model = _adapted(_base()).eval()
-    assert check_onnx(fx_model, _inputs(), mode) < ONNX_FP32["atol"]
+    to_onnx(fx_model, _inputs(), tmp_path, mode=mode)
+    assert compare_export(fx_model, _inputs(), tmp_path) < ONNX_FP32["atol"]
+    manifest = json.loads((tmp_path / "lorafx_export.json").read_text())
+    fed = {s["site"] for s in manifest["sites"]}
+    assert fed == (set(TARGETS) if mode == "unmerged" else set())  # every conv and embedding adapter is an input
 
 
 def test_compile_fullgraph_matches_eager():
@@ -276,16 +282,11 @@ def test_torch_save_round_trips_conv_and_embedding_sites(tmp_path):
     assert set(lorafx.iter_sites(loaded)) == set(TARGETS)
 
 
-def test_onnx_unmerged_feeds_conv_and_embedding_adapters_and_multi_is_refused(tmp_path):
+def test_onnx_multi_mode_is_refused_at_conv_and_embedding_sites(tmp_path):
     pytest.importorskip("onnxruntime")
     from lorafx.export import to_onnx
 
     fx_model = _adapted(_base()).eval()
-    to_onnx(fx_model, _inputs(), tmp_path / "u", mode="unmerged")
-    import json
-
-    manifest = json.loads((tmp_path / "u" / "lorafx_export.json").read_text())
-    assert {s["site"] for s in manifest["sites"]} == set(TARGETS)
     with pytest.raises(lorafx.LorafxError, match="per-row adapters .* not supported at (convolution|embedding) sites"):
         to_onnx(fx_model, _inputs(), tmp_path / "m", mode="multi")
 

@@ -103,6 +103,7 @@ def test_transformer_encoder_layer_fast_path_does_not_bypass_the_adapter():
         assert_close(fx_model(x), ref(x))  # the reference takes PyTorch's fast path; lorafx's layer does not
 
 
+@pytest.mark.slow  # ~35 s on 2 shared cores: one Dynamo compile and two ONNX exports
 def test_compile_and_onnx():
     pytest.importorskip("onnxruntime")
     from lorafx.export import check_onnx
