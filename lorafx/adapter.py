@@ -86,6 +86,10 @@ class Adapter(nn.Module):
         to the weight's device and the site's train/eval mode, and by ``lorafx.compile`` (``force``)
         while :attr:`needs_attach`; CE-LoRA takes its SVD here."""
 
+    def init_for_embedding(self) -> None:
+        """Called by ``apply`` for an embedding site; a variant that initialises embeddings as PEFT
+        does (A = 0, B ~ N(0, 1): LoRA) overrides it."""
+
     needs_attach = False  # an adapter that still needs its base weight before it can be compiled
 
     def on_step(self) -> None:
@@ -131,6 +135,9 @@ class SiteAdapters(nn.Module):
         self.__dict__["_merged"] = None
         self.__dict__["_slot"] = None
         self.quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind)
+        self.kind = "linear"  # "linear" | "conv" | "embedding" (lorafx.site_kinds)
+        self.weight_shape: tuple[int, ...] | None = None  # a conv's kernel shape, which ΔW [d_out, d_in] folds into
+        self.weight_name = "weight"  # the site module's weight attribute ("in_proj_weight" for MultiheadAttention)
         self.__dict__["_base"] = None  # bitsandbytes: the module whose own forward computes the base term
 
     @property
@@ -169,6 +176,10 @@ class SiteAdapters(nn.Module):
         adapter = self._slot
         if adapter is None:  # disabled or merged
             return None
+        if self.kind in ("embedding", "mha", "mha_out"):
+            # token ids / a module that takes weights: no input dropout (PEFT's lora.Embedding has none;
+            # its lora.MultiheadAttention merges the weights before the call)
+            return Lowered(x, *adapter.effective_weights())
         return adapter.lower(x)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafx import state
+from lorafx import site_kinds, state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
@@ -51,6 +51,8 @@ def _build_adapters(p: Plan) -> dict[str, Adapter]:
         # A fresh module is in training mode; follow the site's mode so that adapting an eval() model
         # does not switch on dropout, DropLoRA's rank mask or CE-LoRA's approximate backward.
         adapters[fqn] = adapter.to(device=w.device, dtype=dtype).train(site.module.training)
+        if site.kind == site_kinds.EMBEDDING:
+            adapter.init_for_embedding()
         if not site.quantized:  # CE-LoRA (the one variant that reads W here) is refused on quantized bases
             adapter.attach(w.t() if site.fan_in_fan_out else w)
     return adapters
@@ -127,6 +129,11 @@ def build(p: Plan) -> Prepared:
                 a, site = adapters[leader], p.sites[fqn]
                 sa = SiteAdapters(leader, a.in_features, a.out_features, site.fan_in_fan_out)
                 sa.quantized = site.quantized
+                sa.kind = site.kind
+                sa.weight_shape = tuple(site.weight.shape) if site.kind == site_kinds.CONV else None
+                sa.weight_name = site.weight_name
+                if site.kind == site_kinds.MHA:  # lora_mha calls the module itself, on adapted weights
+                    sa.set_base(site.module)
                 if needs_own_forward(site.module):
                     sa.set_base(site.module)
                 sa.train(a.training)

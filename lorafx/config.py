@@ -97,6 +97,8 @@ class AdapterConfig:
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1  # raise it when the fields change, and teach :meth:`migrate` the old form
+    # Site kinds (lorafx.site_kinds) whose math this variant's lowering fits; the site rule refuses the others.
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     def make_adapter(self, in_features: int, out_features: int, site: str):
         """Build the adapter module for one site of shape ``[out_features, in_features]``."""

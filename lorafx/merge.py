@@ -21,7 +21,7 @@ from lorafx.state import iter_sites
 
 
 def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
-    return model.get_submodule(sa.site).weight
+    return getattr(model.get_submodule(sa.site), sa.weight_name)
 
 
 def _acc(w: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,8 @@ def _acc(w: torch.Tensor) -> torch.Tensor:
 
 def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
     delta = sa.adapters[name].delta_weight()
+    if sa.weight_shape is not None:  # a convolution: ΔW [C_out, C_in·∏k] is its kernel, flattened
+        return delta.reshape(sa.weight_shape)
     return delta.t() if sa.fan_in_fan_out else delta
 
 

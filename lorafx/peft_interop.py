@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafx import state
+from lorafx import site_kinds, state
 from lorafx.adapter_files import load_prepared, read_safetensors
 from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
@@ -124,12 +124,41 @@ def from_peft(
         raise AdapterFileError(f"{weights}: no such file (nor adapter_model.bin)")
     tensors = {}
     for key, t in raw.items():
+        key = key.replace(".base_layer.out_proj.", ".out_proj.")  # PEFT wraps a MultiheadAttention's out_proj
         m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
-        tensors[f"{m.group(1)}.{m.group(2)}" if m else key] = t
+        m = m or re.fullmatch(
+            rf"{re.escape(_PREFIX)}(.+)\.lora_embedding_([AB])(?:\.{re.escape(name)}|\.default)?", key
+        )
+        tensors[f"{m.group(1)}.lora_{m.group(2)[-1]}" if m else key] = t
     with state.model_lock(model):  # see lorafx.regions: traces and requests in flight
         prep = prepare(model, spec, name)
+        _flatten_conv_tensors(prep, tensors)
         load_prepared(prep, tensors, str(weights), allow_nonfinite)
         return commit(prep, activate)
+
+
+def _flatten_conv_tensors(prep, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT stores a conv site's ``lora_A`` as ``[r, C_in, *k]`` and ``lora_B`` as ``[C_out, r, 1, ...]``;
+    lorafx as the canonical ``[r, C_in·∏k]`` and ``[C_out, r]``. Reshaped in place; a tensor whose size
+    does not fit is left for the strict check to name."""
+    for fqn, adapter in prep.adapters.items():
+        if prep.plan.sites[fqn].kind != site_kinds.CONV:
+            continue
+        for key in ("lora_A", "lora_B"):
+            t, own = tensors.get(f"{fqn}.{key}"), getattr(adapter, key, None)
+            if t is not None and own is not None and t.dim() > 2 and t.numel() == own.numel():
+                tensors[f"{fqn}.{key}"] = t.reshape(own.shape)
+
+
+def _peft_tensors(sa, adapter) -> dict[str, torch.Tensor]:
+    """One site's tensors under PEFT's names and shapes (``lora_embedding_A/B`` for embeddings, conv kernels)."""
+    A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    if sa.kind == site_kinds.EMBEDDING:
+        return {"lora_embedding_A": A, "lora_embedding_B": B}
+    if sa.kind == site_kinds.CONV:
+        A = A.reshape(A.shape[0], *sa.weight_shape[1:])
+        B = B.reshape(*B.shape, *[1] * (len(sa.weight_shape) - 2))
+    return {"lora_A.weight": A, "lora_B.weight": B}
 
 
 def _with_current_scale(adapter) -> LoRA:
@@ -170,9 +199,10 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
             )
     tensors = {}
     for f, sa in sites.items():
-        a = sa.adapters[name]
-        tensors[f"{_PREFIX}{f}.lora_A.weight"] = a.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{f}.lora_B.weight"] = a.lora_B.detach().contiguous().cpu()
+        # PEFT adapts a MultiheadAttention as one module and keeps its out_proj under base_layer
+        where = f"{f.rpartition('.')[0]}.base_layer.out_proj" if sa.kind == site_kinds.MHA_OUT else f
+        for key, t in _peft_tensors(sa, sa.adapters[name]).items():
+            tensors[f"{_PREFIX}{where}.{key}"] = t.contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -181,10 +211,10 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         "lora_alpha": base.alpha,
         "lora_dropout": base.dropout,
         "use_rslora": base.rslora,
-        "target_modules": sorted(sites),
+        "target_modules": sorted(f for f, sa in sites.items() if sa.kind != site_kinds.MHA_OUT),
         "rank_pattern": {f: c.r for f, c in configs.items() if c.r != base.r},
         "alpha_pattern": {f: c.alpha for f, c in configs.items() if c.alpha != base.alpha},
-        "fan_in_fan_out": any(sa.fan_in_fan_out for sa in sites.values()),
+        "fan_in_fan_out": any(sa.fan_in_fan_out and sa.kind == site_kinds.LINEAR for sa in sites.values()),
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafx import site_rules
+from lorafx import site_kinds, site_rules
 from lorafx.adapter import SiteAdapters
 from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
@@ -48,15 +48,21 @@ class Site:
     tied_to: str | None = None  # the selected site whose adapter this one shares (one weight, two users)
     slow_path: str | None = None  # FQN of a TransformerEncoderLayer whose fast path must be turned off
     quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind), None = dense
+    kind: str = site_kinds.LINEAR  # "linear" | "conv" | "embedding" (lorafx.site_kinds)
 
     @property
     def selected(self) -> bool:
         return self.rule is not None
 
     @property
+    def weight_name(self) -> str:
+        """The module attribute holding the weight (``in_proj_weight`` for a MultiheadAttention)."""
+        return "in_proj_weight" if self.kind == site_kinds.MHA else "weight"
+
+    @property
     def weight(self):
         """The base weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` for Conv1D)."""
-        return self.module.weight
+        return getattr(self.module, self.weight_name)
 
 
 @dataclass
@@ -91,16 +97,29 @@ def leaf_region_adapters(module: nn.Module) -> SiteAdapters | None:
 def linear_sites(model: nn.Module) -> dict[str, Site]:
     """FQN -> :class:`Site` for every linear module (``nn.Linear``, Conv1D, or one already rewritten)."""
     sites = {}
+    parents = dict(model.named_modules())
     for fqn, m in model.named_modules():
         sa = leaf_region_adapters(m)
         if sa is not None:
-            kind = "Conv1D" if sa.fan_in_fan_out else "Linear"
+            kind = {site_kinds.CONV: "Conv", site_kinds.EMBEDDING: "Embedding"}.get(sa.kind)
+            kind = kind or ("Conv1D" if sa.fan_in_fan_out else "Linear")
             sites[fqn] = Site(fqn, m, sa.in_features, sa.out_features, sa.fan_in_fan_out, kind, quantized=sa.quantized)
+            sites[fqn].kind = sa.kind
         elif isinstance(m, nn.Linear):
             sites[fqn] = Site(fqn, m, m.in_features, m.out_features, False, "Linear")
+            parent = parents.get(fqn.rpartition(".")[0])
+            is_mha = (
+                isinstance(parent, nn.MultiheadAttention) or getattr(leaf_region_adapters(parent), "kind", "") == "mha"
+            )
+            if fqn.endswith("out_proj") and is_mha:
+                sites[fqn].kind = site_kinds.MHA_OUT
         elif is_linear_module(m):
             d_in, d_out = m.weight.shape  # Conv1D stores [d_in, d_out]
             sites[fqn] = Site(fqn, m, int(d_in), int(d_out), True, "Conv1D")
+        elif site_kinds.kind_of(m) is not None:  # a convolution or an embedding (lorafx.site_kinds)
+            kind = site_kinds.kind_of(m)
+            d_in, d_out = site_kinds.features(m)
+            sites[fqn] = Site(fqn, m, d_in, d_out, kind == site_kinds.EMBEDDING, type(m).__name__, kind=kind)
     return sites
 
 
@@ -151,8 +170,14 @@ def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
     head = output_head(model)
     for fqn, site in sites.items():
         site.rule = spec.match(fqn, is_output_head=fqn == head)
+        if site.rule == "all-linear" and site.kind != site_kinds.LINEAR:
+            site.rule = None  # PEFT's "all-linear" too: nn.Linear and Conv1D only, never a conv or an embedding
         if site.rule is not None:
             site.config, site.override = spec.config_for(fqn)
+    for fqn, site in sites.items():  # PEFT adapts a MultiheadAttention's in_proj and out_proj together
+        out = sites.get(f"{fqn}.out_proj")
+        if site.kind == site_kinds.MHA and site.selected and out is not None and not out.selected:
+            out.rule, out.config, out.override = f"with its MultiheadAttention {fqn!r}", site.config, site.override
     site_rules.apply_rules(model, sites)
     named = {fqn: s.refused for fqn, s in sites.items() if s.selected and s.refused and s.rule != "all-linear"}
     if named:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lorafx.passes.find_sites import find_sites, is_linear_module
-from lorafx.passes.insert_adapters import CONTAINER, has_hooks
+from lorafx import site_kinds
+from lorafx.passes.find_sites import find_sites, is_site_module
+from lorafx.passes.insert_adapters import CARRIED_ATTRS, CONTAINER, has_hooks
 
 
 @dataclass
@@ -41,7 +42,7 @@ class _Tracer(fx.Tracer):
     """Keeps lorafx regions and transformers' Conv1D opaque, like torch.nn leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_region(m) or is_linear_module(m) or super().is_leaf_module(m, qualname)
+        return is_region(m) or is_site_module(m) or super().is_leaf_module(m, qualname)
 
 
 def is_region(module: nn.Module) -> bool:
@@ -101,15 +102,48 @@ def _trace_locked(module: nn.Module) -> fx.GraphModule | None:
 
 
 def _leaf_graph(module: nn.Module) -> fx.GraphModule:
-    """A single linear as its own region: ``F.linear(x, W, b)`` (``Wᵀ`` for Conv1D's [d_in, d_out])."""
+    """A single linear as its own region: ``F.linear(x, W, b)`` (``Wᵀ`` for Conv1D's [d_in, d_out]);
+    a convolution or embedding calls its functional form with the module's options."""
     graph = fx.Graph()
     x = graph.placeholder("input")
     w = graph.get_attr("weight")
+    kind = site_kinds.kind_of(module)
+    if kind == site_kinds.MHA:
+        return _mha_leaf_graph(module)
+    if kind == site_kinds.EMBEDDING:
+        padding_idx, scale_grad_by_freq, sparse = site_kinds.embedding_options(module)
+        graph.output(graph.call_function(F.embedding, (x, w, padding_idx, None, 2.0, scale_grad_by_freq, sparse)))
+        return fx.GraphModule(module, graph, class_name=type(module).__name__)
+    if kind == site_kinds.CONV:
+        b = graph.get_attr("bias") if module.bias is not None else None
+        conv = (F.conv1d, F.conv2d, F.conv3d)[module.weight.dim() - 3]
+        graph.output(graph.call_function(conv, (x, w, b, *site_kinds.conv_options(module))))
+        return fx.GraphModule(module, graph, class_name=type(module).__name__)
     if not isinstance(module, nn.Linear):
         w = graph.call_method("t", (w,))
     b = graph.get_attr("bias") if getattr(module, "bias", None) is not None else None
     graph.output(graph.call_function(F.linear, (x, w, b)))
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def _mha_leaf_graph(module: nn.Module) -> fx.GraphModule:
+    """An ``nn.MultiheadAttention`` as its own region: its forward's signature and one
+    :func:`~lorafx.site_kinds.mha_leaf` call; the region keeps every parameter and child under the
+    module's own names, and the plain attributes ``nn.TransformerEncoderLayer`` reads (``batch_first``, ...)."""
+    graph = fx.Graph()
+    params = list(inspect.signature(nn.MultiheadAttention.forward).parameters.values())[1:]
+    nodes = [graph.placeholder(p.name, default_value=p.default) for p in params]
+    graph.output(
+        graph.call_function(
+            site_kinds.mha_leaf, tuple(nodes[:3]), {p.name: n for p, n in zip(params[3:], nodes[3:], strict=True)}
+        )
+    )
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm._parameters.update(module._parameters)
+    gm._modules.update(module._modules)
+    for name in CARRIED_ATTRS:
+        setattr(gm, name, getattr(module, name))
+    return gm
 
 
 def _contains(prefix: str, fqn: str) -> bool:
@@ -131,9 +165,9 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
             regions.append(Region(prefix, module, module, [local(prefix, s) for s in pending], True))
             return
         wanted = [local(prefix, s) if s != prefix else "" for s in pending]
-        if is_linear_module(module) and not is_region(module):
-            if prefix in pending:
-                regions.append(Region(prefix, module, _leaf_graph(module), [""]))
+        if is_site_module(module) and not is_region(module):
+            if prefix in pending:  # a MultiheadAttention's region holds its out_proj site too
+                regions.append(Region(prefix, module, _leaf_graph(module), [""] + [w for w in wanted if w]))
             return
         # A submodule with hooks would lose them inside a region (traced through, or its call
         # rewritten): such a module is not a region, its children are tried (the hooked module itself

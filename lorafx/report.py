@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from lorafx import site_kinds
 from lorafx.adapter import Adapter
 from lorafx.apply import prepare
 from lorafx.canonical import adapter_flops
@@ -201,6 +202,8 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
             _describe_adapter(row, prep.adapters[site.tied_to or fqn], site.weight)
             if site.tied_to is not None:  # runs its leader's adapter (FLOPs); params counted once, there
                 row.params = row.bytes = 0
+            if site.kind == site_kinds.EMBEDDING:  # the shrink is a lookup (x Aᵀ of one-hot x): no matmul
+                row.flops_per_token -= 2 * row.rank * site.in_features
         rows.append(row)
     regions = []
     for region in plan.regions:
@@ -209,7 +212,9 @@ def build_report(model: nn.Module, spec: Spec, name: str = "default") -> Report:
         regions.append(RegionRow(region.fqn, type(region.module).__name__, full, kind))
     shared = [SharedRow(k, sum(p.numel() for p in m.parameters()), _state_bytes(m)) for k, m in prep.shared.items()]
     params = list(model.parameters())
-    base_flops = sum(2 * r.in_features * r.out_features for r in rows)
+    # a convolution counts per output position (d_in = C_in·∏k); an embedding lookup has no matmul
+    lookups = {fqn for fqn, site in plan.sites.items() if site.kind == site_kinds.EMBEDDING}
+    base_flops = sum(2 * r.in_features * r.out_features for r in rows if r.fqn not in lookups)
     return Report(
         model=type(model).__name__,
         spec=spec,

@@ -13,8 +13,9 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
   ``orthogonal``) is computed on every read, so merge could not write into it: refused, with the fix.
   A weight that is not a registered Parameter (old-style hook ``weight_norm``): refused.
 * **Weights read without a call.** ``nn.MultiheadAttention`` hands ``out_proj.weight`` to
-  ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there would never run.
-  Refused. Likewise any parent whose ``forward`` computes with ``self.<child>.weight``
+  ``F.multi_head_attention_forward`` and never calls ``out_proj``: an adapter there alone would never
+  run. Refused, unless the MultiheadAttention itself is adapted (a site of kind ``"mha"``, which
+  selects its ``out_proj`` too and runs both adapters in its call: :func:`lorafx.site_kinds.lora_mha`). Likewise any parent whose ``forward`` computes with ``self.<child>.weight``
   (:func:`direct_read`, read from the parent's source; a traced parent is checked on its graph in
   :mod:`lorafx.plan`). ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
   directly: those sites are adapted and the layer's fast path is turned off (``slow_path``: the
@@ -22,7 +23,14 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
 * **Shared weights** (found by storage, :mod:`lorafx.weights`). When every holder of a weight is a
   selected linear site with the same config, they share one adapter (``tied_to``): every use
   computes ``W + ΔW`` and merge writes ΔW once. Otherwise (tied embeddings, a holder the spec does
-  not select) the site is refused with the fix: select every holder, or ``lorafx.untie`` first.
+  not select) the site is refused with the fix: select every holder, or ``lorafx.untie`` first. An
+  embedding and a linear sharing one weight (tied ``embed_tokens``/``lm_head``) are refused together:
+  one adapter cannot be both a lookup's ``ΔE`` and the head's ``ΔW`` layout (untie, or adapt one only).
+* **Convolutions and embeddings** (:mod:`lorafx.site_kinds`): a subclass with its own forward, a
+  grouped convolution, a non-zero ``padding_mode`` or an embedding with ``max_norm`` is refused
+  (:func:`lorafx.site_kinds.kind_refusal`); a variant whose lowering depends on the input (MoR's
+  router, DropLoRA's per-token mask, CE-LoRA's SVD backward of a 2-D W) is refused at these sites by
+  name (its config's ``site_kinds``).
 
 "all-linear" silently skips refused sites (``lorafx inspect`` lists them with the reason); a target
 that names one is a :class:`~lorafx.errors.SpecError` with the reason.
@@ -37,6 +45,8 @@ import re
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lorafx import site_kinds
+from lorafx.config import variant_class, variant_names
 from lorafx.quantized import needs_own_forward, quantized_kind
 from lorafx.regions import is_region
 from lorafx.weights import other_users, weight_users
@@ -120,11 +130,18 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
         if is_region(site.module):
             continue  # a lorafx region: its rules were applied when it was made
         site.refused = _behaviour_refusal(site.module)
+        if site.kind not in (site_kinds.LINEAR, site_kinds.MHA_OUT):
+            site.refused = site_kinds.kind_refusal(site.module) or _variant_refusal(site)
+        elif site.kind == site_kinds.MHA_OUT:
+            site.refused = site.refused or _variant_refusal(site)
         site.quantized = quantized_kind(site.module)
         if site.quantized and site.refused is None and site.selected and site.config.name == "celora":
             site.refused = f"CE-LoRA needs the dense base weight (SVD, exact backward); this base is {site.quantized}"
         parent_fqn, parent = _parent(fqn, modules)
-        if site.refused is None and isinstance(parent, _DIRECT_READERS):
+        mha = sites.get(parent_fqn) if site.kind == site_kinds.MHA_OUT else None
+        if mha is not None and mha.kind == site_kinds.MHA and mha.selected and mha.refused is None:
+            pass  # adapted together with its MultiheadAttention, whose call runs it (lorafx.site_kinds.lora_mha)
+        elif site.refused is None and (isinstance(parent, _DIRECT_READERS) or site.kind == site_kinds.MHA_OUT):
             site.refused = (
                 f"{type(parent).__name__} {parent_fqn!r} reads this weight directly (F.multi_head_attention_forward) "
                 "and never calls the module, so an adapter here would never run"
@@ -141,18 +158,35 @@ def apply_rules(model: nn.Module, sites: dict) -> None:
     _share_or_refuse(model, sites)
 
 
+def _variant_refusal(site) -> str | None:
+    if not site.selected or site.kind in getattr(site.config, "site_kinds", (site_kinds.LINEAR,)):
+        return None
+    fit = [n for n in variant_names() if site.kind in variant_class(n).site_kinds]
+    return (
+        f"variant {site.config.name!r} does not carry over to {site.kind} sites (its adapter depends on the "
+        f"input per token or on a 2-D weight); variants that do: {', '.join(fit)}"
+    )
+
+
 def _share_or_refuse(model: nn.Module, sites: dict) -> None:
     users = weight_users(model)
     for fqn, site in sites.items():
         if not site.selected or site.refused or site.tied_to:
             continue
-        others = other_users(users, site.weight, f"{fqn}.weight")
+        others = other_users(users, site.weight, f"{fqn}.{site.weight_name}")
         if not others:
             continue
         holders = [u.rpartition(".")[0] for u in others]
         partners = [h for h in holders if h in sites and sites[h].selected and not sites[h].refused]
         missing = [u for u, h in zip(others, holders, strict=True) if h not in partners or not u.endswith(".weight")]
         differ = [h for h in partners if sites[h].config != site.config]
+        kinds = [h for h in partners if sites[h].kind != site.kind]
+        if kinds:
+            site.refused = (
+                f"its weight is shared with {others} (tied) as a {site.kind} and a {sites[kinds[0]].kind} site; one "
+                f"adapter cannot fit both layouts. Adapt one use only after lorafx.untie(model, [{fqn!r}])"
+            )
+            continue
         if missing or differ:
             fix = f"select {missing} too" if missing else f"give {differ} the same config"
             site.refused = (

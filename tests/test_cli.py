@@ -74,7 +74,7 @@ def test_inspect_table_and_json_match_apply(applied, capsys):
     sites = lorafx.iter_sites(applied)
     matched = {s["fqn"]: s for s in report["sites"] if s["matched"]}
     assert set(matched) == set(sites)  # the same 6 sites apply rewrote
-    assert "6 of 15 linear sites adapted" in table.stdout
+    assert "6 of 16 sites adapted" in table.stdout  # 15 linears and the embedding
     for fqn, sa in sites.items():
         a = sa.adapters["default"]
         params = sum(p.numel() for p in a.parameters())

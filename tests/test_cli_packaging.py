@@ -78,7 +78,7 @@ def test_inspect_wide_terminal_keeps_every_column(capsys, monkeypatch):
     assert code == 0 and "columns left out" not in out
     header = next(line for line in out.splitlines() if line.startswith("┃") and "site" in line)
     assert [c.strip() for c in header.strip("┃").split("┃")] == [name for name, _ in _COLUMNS]
-    assert out.startswith("demo:tiny-llama (LlamaForCausalLM): 2 of 15 linear sites adapted")
+    assert out.startswith("demo:tiny-llama (LlamaForCausalLM): 2 of 16 sites adapted")
 
 
 def test_fit_columns_drops_in_order_and_keeps_site_variant_rank():

@@ -272,7 +272,7 @@ def print_report(report, con, source: str = "", matched_only: bool = False) -> N
     """The ``lorafx inspect`` table and summary of a :class:`lorafx.report.Report` on a rich console,
     with as many columns as fit the console's width (the rest are named below the table)."""
     t = report.totals()
-    title = f"{source + ' ' if source else ''}({report.model}): {t['matched']} of {t['sites']} linear sites adapted"
+    title = f"{source + ' ' if source else ''}({report.model}): {t['matched']} of {t['sites']} sites adapted"
     table, dropped = _site_table(report, title, matched_only, con.width)
     con.print(table)
     if dropped:

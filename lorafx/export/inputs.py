@@ -66,8 +66,9 @@ class ExampleInputs:
             dims = {}
             if dynamic and v.dim() >= 1:
                 dims[0] = batch
-                if v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point()):
+                if v.dim() == 3 or (v.dim() == 2 and not v.is_floating_point()):
                     dims[1] = seq  # token ids / masks [b, T], activations [b, T, d]
+                # 4-D and 5-D inputs are pixels / volumes [b, C, *spatial]: C is a conv's fixed channel count
             small = [a for a in dims if v.shape[a] < 2]
             if small:
                 raise ExportError(

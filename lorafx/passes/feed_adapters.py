@@ -26,6 +26,7 @@ from lorafx.canonical import SITE_IMPLEMENTATIONS
 from lorafx.errors import TraceError
 from lorafx.passes.insert_adapters import CONTAINER
 from lorafx.passes.retarget_sites import retarget_sites
+from lorafx.site_kinds import is_kind_site_call
 
 FED = "lorafx_fed"  # container of FedSite modules in the copy (the live ``lorafx`` container stays as is)
 
@@ -72,6 +73,8 @@ def feed_adapters(gm: fx.GraphModule, lowered_for: LoweredFor) -> PassResult:
         fed[key] = FedSite(sa, lowered_for)
         node.target = f"{FED}.{key}"
         for user in node.users:
+            if is_kind_site_call(user):  # conv / embedding evaluators are already out of place and cast
+                continue
             if user.op != "call_function" or len(user.args) != 4 or user.args[3] is not node:
                 raise TraceError(f"site {sa.site!r}: its adapter feeds {user.format_node()}, not a site call")
             user.target = functional

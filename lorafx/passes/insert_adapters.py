@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from lorafx import site_kinds
 from lorafx.adapter import SiteAdapters
 from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
@@ -44,6 +45,12 @@ HOOK_DICTS = (
     "_backward_pre_hooks",
     "_backward_hooks",
 )
+
+
+# Plain attributes of a MultiheadAttention region (lorafx.regions), carried to every copy:
+# nn.TransformerEncoderLayer reads them from its self_attn (batch_first, num_heads, ...) before it
+# decides on its fast path.
+CARRIED_ATTRS = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim")
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -77,6 +84,9 @@ def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_nam
     new._buffers.update(gm._buffers)
     new._non_persistent_buffers_set |= gm._non_persistent_buffers_set
     new.training = gm.training
+    for name in CARRIED_ATTRS:
+        if name in gm.__dict__:
+            new.__dict__[name] = gm.__dict__[name]
     carry_hooks(gm, new)
     if "_lorafx" in gm.__dict__:  # a whole-model region carries the model's adapter state (lorafx.state)
         new.__dict__["_lorafx"] = gm.__dict__["_lorafx"]
@@ -97,6 +107,34 @@ def _operands(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node, f
     w = node.args[1]
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return x, w, b
+
+
+def _kind_site(gm: fx.GraphModule, site: LinearSite, low: fx.Node) -> fx.Node:
+    """The evaluator call of a convolution or embedding site (:mod:`lorafx.site_kinds`)."""
+    node = site.node
+    if site.form == "call_module":
+        mod = gm.get_submodule(node.target)
+        x, w = node.args[0], gm.graph.get_attr(f"{node.target}.weight")
+        b = gm.graph.get_attr(f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+    else:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if site.kind == site_kinds.EMBEDDING:
+        return gm.graph.call_function(site_kinds.lora_embedding, (x, w, low, site.options))
+    return gm.graph.call_function(site_kinds.lora_conv, (x, w, b, low, site.options))
+
+
+def _mha_site(gm: fx.GraphModule, site: LinearSite, local: str, sites: Mapping[str, SiteAdapters]) -> fx.Node:
+    """``lora_mha(sites, low_in, low_out, *call args)`` for a MultiheadAttention call (module or leaf)."""
+    node = site.node
+    query = node.args[0] if node.args else node.kwargs["query"]
+    key = site_key(local)
+    low_in = gm.graph.call_module(f"{CONTAINER}.{key}", (query,))
+    out = f"{local}.out_proj" if local else "out_proj"
+    low_out = gm.graph.call_module(f"{CONTAINER}.{site_key(out)}", (query,)) if out in sites else None
+    sa = gm.graph.get_attr(f"{CONTAINER}.{key}")
+    return gm.graph.call_function(site_kinds.lora_mha, (sa, low_in, low_out, *node.args), dict(node.kwargs))
 
 
 def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefix: str = "") -> PassResult:
@@ -120,11 +158,19 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
     for local, adapters in sites.items():
         container[site_key(local)] = adapters
     new.add_submodule(CONTAINER, container)
-    for local in sites:
+    for local, adapters in sites.items():
         key = site_key(local)
         for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
             with new.graph.inserting_before(site.node):
-                if adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
+                if site.kind == site_kinds.MHA_OUT:
+                    continue  # rewritten with its MultiheadAttention's call (the same node)
+                if site.kind == site_kinds.MHA:
+                    y = _mha_site(new, site, local, sites)
+                elif site.kind != site_kinds.LINEAR:
+                    x = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = _kind_site(new, site, low)
+                elif adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
                     x = site.node.args[0]
                     sites_node = new.graph.get_attr(f"{CONTAINER}.{key}")
                     low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))

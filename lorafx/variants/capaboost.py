@@ -48,6 +48,8 @@ class CapaBoost(LowRankConfig):
     """
 
     name: ClassVar[str] = "capaboost"  # fields r, alpha, dropout from LowRankConfig, then:
+    # no input-dependent part: Aᵉ/Bᵉ fit a conv kernel and an embedding table as they fit a linear
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding", "mha", "mha_out")
     copies: int = 2
     density: float = 0.5
     seed: int = 0

@@ -76,6 +76,8 @@ class LoRA(LoRAFields):
     """
 
     name: ClassVar[str] = "lora"
+    # no input-dependent part: Aᵉ/Bᵉ fit a conv kernel and an embedding table as they fit a linear
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding", "mha", "mha_out")
 
     def make_adapter(self, in_features: int, out_features: int, site: str) -> LoRAAdapter:
         return LoRAAdapter(self, in_features, out_features, site)
@@ -110,3 +112,11 @@ class LoRAAdapter(Adapter):
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A, self.lora_B, self.scale
+
+    def init_for_embedding(self) -> None:
+        # PEFT's lora.Embedding (after loralib): A = 0, B ~ N(0, 1). A zero A also keeps the padding row
+        # of the table unchanged for good: its column of A gets no gradient through the lookup.
+        if self.config.init == "default":
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_A)
+                nn.init.normal_(self.lora_B)

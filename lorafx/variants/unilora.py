@@ -46,6 +46,8 @@ class UniLoRA(AdapterConfig):
     """
 
     name: ClassVar[str] = "unilora"
+    # no input-dependent part: Aᵉ/Bᵉ fit a conv kernel and an embedding table as they fit a linear
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding", "mha", "mha_out")
     r: int = 4
     vector_length: int = 23040
     seed: int = 0
