@@ -1,0 +1,157 @@
+"""``lorafx::lora_linear_4bit``: one adapted site whose base weight is bitsandbytes 4-bit (NF4/FP4).
+
+``lora_linear_4bit(x, Wq, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s,
+g, x_in)`` = ``x·dequant(Wq)ᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ``, with ``Wq`` in bitsandbytes' packed layout
+(:mod:`lorafx.kernels._triton.lora_4bit` describes it; ``absmax2``/``code2``/``offset`` are the
+double-quant state, None/None/0 without it). The CPU (and default) kernel dequantizes with
+:func:`dequantize_4bit` and runs the canonical composite; on CUDA with triton installed the kernel is
+the fused Triton one (decode, GEMM and adapter expand in one accumulator, the dense weight never
+written). The backward dequantizes ``W`` once (as bitsandbytes' own backward does) and reuses
+``lorafx::lora_linear_backward`` (the fused Triton backward on CUDA); the packed base gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafx import canonical
+from lorafx.kernels import lora_linear as _lora_linear
+from lorafx.kernels._common import flat, needs, triton_on_cuda
+
+
+def dequantize_4bit(
+    qweight: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    absmax2: Tensor | None,
+    code2: Tensor | None,
+    offset: float,
+    N: int,
+    K: int,
+    blocksize: int,
+    blocksize2: int,
+) -> Tensor:
+    """``dequant(Wq)`` ``[N, K]`` in fp32 from bitsandbytes' packed 4-bit layout (see the module
+    docstring): codes high nibble first, ``code[q] · absmax[i // blocksize]``, the absmax itself
+    ``code2[absmax] · absmax2[j // blocksize2] + offset`` when double-quantized."""
+    q = qweight.reshape(-1).view(torch.uint8)
+    codes = torch.stack([q >> 4, q & 0xF], dim=-1).reshape(-1)[: N * K].long()
+    scale = absmax.float()
+    if absmax2 is not None:
+        j = torch.arange(absmax.numel(), device=absmax.device)
+        scale = code2.float()[absmax.reshape(-1).long()] * absmax2.float()[j // blocksize2] + offset
+    i = torch.arange(N * K, device=qweight.device)
+    return (code.float()[codes] * scale.reshape(-1)[i // blocksize]).reshape(N, K)
+
+
+@torch.library.custom_op("lorafx::lora_linear_4bit", mutates_args=())
+def lora_linear_4bit(
+    x: Tensor,
+    qweight: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    absmax2: Tensor | None,
+    code2: Tensor | None,
+    offset: float,
+    N: int,
+    blocksize: int,
+    blocksize2: int,
+    b: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    s: Tensor,
+    g: Tensor | None = None,
+    x_in: Tensor | None = None,
+) -> Tensor:
+    """``x·dequant(Wq)ᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ``; see the module docstring."""
+    W = dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, N, x.shape[-1], blocksize, blocksize2)
+    h = canonical.shrink(x if x_in is None else x_in, A, g)
+    return canonical.expand(F.linear(x, W.to(x.dtype), b), h, B, s)
+
+
+@lora_linear_4bit.register_fake
+def _(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g=None, x_in=None):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g, x_in = inputs
+    ctx.save_for_backward(x, qweight, absmax, code, absmax2, code2, A, B, s, g, x_in)
+    ctx.meta = (offset, N, blocksize, blocksize2, b is not None)
+
+
+def _backward(ctx, dy):
+    x, qweight, absmax, code, absmax2, code2, A, B, s, g, x_in = ctx.saved_tensors
+    offset, N, blocksize, blocksize2, has_b = ctx.meta
+    n = needs(ctx)
+    W = dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, N, x.shape[-1], blocksize, blocksize2)
+    W = W.to(x.dtype)
+    dx, d_xin, dA, dB, dg = _lora_linear.lora_linear_backward(dy, x, W, A, B, s, g, x_in, n[14])
+    db = flat(dy).sum(0) if n[10] and has_b else None
+    ds = None
+    if n[13]:  # a trainable scale: rare, plain PyTorch
+        hg = canonical.shrink(flat(x if x_in is None else x_in), A, flat(g))
+        ds = ((flat(dy).to(B.dtype) @ B) * hg).sum().reshape(s.shape).to(s.dtype)
+    return (
+        dx if n[0] else None,
+        *(None,) * 9,
+        db,
+        dA if n[11] else None,
+        dB if n[12] else None,
+        ds,
+        dg if n[14] and g is not None else None,
+        d_xin if x_in is not None and n[15] else None,
+    )
+
+
+lora_linear_4bit.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g=None,
+                   x_in=None) -> Tensor:  # fmt: skip
+    """The forward through the fused Triton kernel (the op's CUDA kernel; the tests run it on CPU
+    under the Triton interpreter): ``h = s·((x_in Aᵀ) ⊙ g)`` ``[T, R]`` in fp32 (small: R columns),
+    then decode + GEMM + expand in one accumulator."""
+    from lorafx.kernels._triton.lora_4bit import lora_4bit
+
+    x2 = flat(x)
+    h = canonical.shrink(flat(x if x_in is None else x_in).float(), A.float(), None if g is None else flat(g).float())
+    h = h * s.to(device=h.device, dtype=torch.float32)
+    y = lora_4bit(
+        x2,
+        qweight.reshape(-1).view(torch.uint8),
+        absmax.reshape(-1),
+        code,
+        None if absmax2 is None else absmax2.reshape(-1),
+        code2,
+        offset,
+        N,
+        blocksize,
+        blocksize2,
+        bias=None if b is None else b.contiguous(),
+        h=h,
+        bt=B.t(),
+    )
+    return y.reshape(*x.shape[:-1], N)
+
+
+_REGISTERED = []
+
+
+def register_triton() -> None:
+    """Register :func:`triton_forward` as the op's CUDA kernel. Runs at import when
+    :func:`~lorafx.kernels._common.triton_on_cuda`; idempotent."""
+    if not _REGISTERED:
+        lora_linear_4bit.register_kernel("cuda")(triton_forward)
+        _REGISTERED.append(True)
+
+
+def has_fused_kernel(device: torch.device) -> bool:
+    """True when this op runs the fused Triton kernel on ``device`` (CUDA with triton installed)."""
+    return device.type == "cuda" and bool(_REGISTERED)
+
+
+if triton_on_cuda():
+    register_triton()
