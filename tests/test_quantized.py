@@ -122,6 +122,52 @@ def test_merge_dequantized_is_dequant_plus_delta_and_unmerge_restores(nf4):
     assert torch.equal(model(IDS).logits, unmerged)
 
 
+def test_merge_and_unload_dequantize_returns_the_dense_model(nf4):
+    """``merge_and_unload(model, dequantize=True)``: the base class back, every adapted 4-bit linear a
+    plain ``nn.Linear`` holding ``dequant(Wq) + ΔW`` (not the original fp32 W + ΔW), outputs equal to the
+    unmerged model, the dense model's state-dict keys. Without ``dequantize`` it refuses, unchanged."""
+    from lorafx.cli.models import tiny_llama
+
+    model = adapt(nf4)
+    sites = lorafx.iter_sites(model)
+    want = {f: dequantized_weight(sa.base) + sa.adapters["default"].delta_weight() for f, sa in sites.items()}
+    unmerged = model(IDS).logits.detach()
+    with pytest.raises(NotMergeableError, match=r"merge_and_unload\(model, dequantize=True\)"):
+        lorafx.merge_and_unload(model)
+    assert not lorafx.is_merged(model) and torch.equal(model(IDS).logits, unmerged)
+    merged = lorafx.merge_and_unload(model, dequantize=True)
+    w16 = tiny_llama(0)  # the weights nf4 was quantized from
+    assert type(merged) is type(nf4) and set(merged.state_dict()) == set(w16.state_dict())
+    assert not any("bitsandbytes" in type(m).__module__ or "lorafx" in type(m).__module__ for m in merged.modules())
+    for fqn, w in want.items():
+        layer = merged.get_submodule(fqn)
+        assert type(layer) is nn.Linear and not layer.weight.requires_grad and torch.equal(layer.weight, w), fqn
+        wrong = w16.get_submodule(fqn).weight + sites[fqn].adapters["default"].delta_weight()
+        assert (layer.weight - wrong).abs().max() > 1e-3, fqn  # W16 + ΔW differs by the 4-bit rounding (~8e-3)
+    assert_close(merged(IDS).logits, unmerged, **MERGED_LOGITS_FP32)
+
+
+def test_merge_and_unload_dequantize_on_torchao_and_after_requantize():
+    base = torchao_llama()
+    model = lorafx.apply(copy.deepcopy(base), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets="all-linear"))
+    unmerged = model(IDS).logits.detach()
+    merged = lorafx.merge_and_unload(model, dequantize=True)
+    q = merged.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and type(q.weight) is nn.Parameter
+    assert_close(merged(IDS).logits, unmerged, **MERGED_LOGITS_FP32)
+
+
+def test_merge_and_unload_dequantize_refuses_a_requantized_merge(nf4):
+    model = adapt(nf4, ["up_proj"])
+    lorafx.merge_requantized(model)
+    requantized = model.model.layers[0].mlp.up_proj
+    with pytest.raises(SpecError, match=r"merged by merge_requantized.*unmerge"):
+        lorafx.merge_and_unload(model, dequantize=True)
+    assert lorafx.is_merged(model) and model.model.layers[0].mlp.up_proj is requantized
+    out = lorafx.merge_and_unload(model)  # keeps the requantized modules
+    assert out.model.layers[0].mlp.up_proj is requantized
+
+
 def test_merge_requantized_reports_what_rounding_loses(nf4):
     model = adapt(nf4, ["q_proj", "up_proj"])
     unmerged = model(IDS).logits.detach()
