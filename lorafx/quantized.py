@@ -163,6 +163,51 @@ def requantized(module: nn.Module, delta: torch.Tensor) -> nn.Module:
     return new.to(w.device).train(module.training)
 
 
+def _region_prefix(sa, prefix: str) -> str | None:
+    # "<region>.lorafx.<key>." -> "<region>." ("" for a root region); None unless this is the
+    # SiteAdapters of a single-linear region over a bitsandbytes module (see save_base_state)
+    parts = prefix.rstrip(".").split(".")
+    if len(parts) < 2 or parts[-1] != sa.__dict__.get("_base_state_key") or not _is_bnb(sa.base):
+        return None
+    region = ".".join(parts[:-2])
+    return f"{region}." if region else ""
+
+
+def save_base_state(sa, destination: dict, prefix: str, keep_vars: bool) -> None:
+    """Add a bitsandbytes base's own state-dict entries (4-bit quant state: ``weight.absmax``,
+    ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4`` ...; 8-bit ``weight.SCB``) under the
+    name of the region that replaced it, for a single-linear region (``SiteAdapters`` at key
+    ``sa._base_state_key``, ``prefix`` = ``<region>.lorafx.<key>.``). Such a region holds the packed
+    weight as its own parameter, so without this its ``state_dict`` lost those entries and a checkpoint
+    of the adapted model could not be dequantized or reloaded as bitsandbytes does. Entries already
+    written (``weight``, ``bias``) are kept."""
+    region = _region_prefix(sa, prefix)
+    if region is None:
+        return
+    extra: dict = {}
+    sa.base._save_to_state_dict(extra, region, keep_vars)
+    for k, v in extra.items():
+        destination.setdefault(k, v)
+
+
+def load_base_state(sa, state_dict, prefix: str, local_metadata, strict: bool, unexpected: list, errors: list) -> None:
+    """The load side of :func:`save_base_state`: the bitsandbytes base loads the entries it owns
+    (``Linear8bitLt`` reads ``SCB`` and drops ``weight_format``, as it does unadapted), and those it
+    consumed are no longer reported as unexpected by the region. ``Linear4bit`` loads none of its
+    quant-state entries, so they stay unexpected, as bitsandbytes reports them unadapted (transformers'
+    loader is what reads them): a strict load never silently keeps a stale quant state."""
+    region = _region_prefix(sa, prefix)
+    if region is None or "8bit" not in type(sa.base).__name__:
+        return
+    own: dict = {}
+    sa.base._save_to_state_dict(own, region, False)
+    extra = {k for k in own if k[len(region) :] not in ("weight", "bias")}
+    still: list = []
+    sa.base._load_from_state_dict(state_dict, region, local_metadata, strict, [], still, errors)
+    consumed = extra - set(still)
+    unexpected[:] = [k for k in unexpected if k not in consumed]
+
+
 def swap_base(model: nn.Module, sa, new: nn.Linear) -> Callable[[], None]:
     """Make ``new`` the base of site ``sa`` and return the undo.
 

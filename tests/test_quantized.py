@@ -168,6 +168,25 @@ def test_merge_and_unload_dequantize_refuses_a_requantized_merge(nf4):
     assert out.model.layers[0].mlp.up_proj is requantized
 
 
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_state_dict_keeps_every_bitsandbytes_entry_and_loads_as_bitsandbytes_does(llama_dir, kind):
+    """The attention projections are single-linear regions that hold the packed weight themselves; their
+    ``state_dict`` used to drop bitsandbytes' extra entries (4-bit quant state, 8-bit ``SCB``). Now every
+    base key is there with the same values, and a strict load reports what bitsandbytes reports unadapted
+    (int8: nothing; nf4: its quant-state entries, which only transformers' loader reads)."""
+    base = bnb_llama(llama_dir, kind)
+    want = base.state_dict()
+    model = adapt(base)
+    got = model.state_dict()
+    assert {k for k in got if ".lorafx." not in k} == set(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    plain = fresh(base).load_state_dict(want, strict=False)
+    other = adapt(base)
+    loaded = other.load_state_dict(got, strict=False)
+    assert sorted(loaded.unexpected_keys) == sorted(plain.unexpected_keys) and not loaded.missing_keys
+    assert torch.equal(other(IDS).logits, model(IDS).logits)
+
+
 def test_merge_requantized_reports_what_rounding_loses(nf4):
     model = adapt(nf4, ["q_proj", "up_proj"])
     unmerged = model(IDS).logits.detach()
