@@ -124,11 +124,14 @@ def dense_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Lin
 
 def requantized(module: nn.Module, delta: torch.Tensor) -> nn.Module:
     """A new bitsandbytes module of ``module``'s kind and settings, quantized from
-    ``dequant(Wq) + ΔW`` (fp32 sum) on ``module``'s device."""
+    ``dequant(Wq) + ΔW`` (fp32 sum) on ``module``'s device; for a torchao int8 weight-only base, an
+    ``nn.Linear`` whose weight is requantized the same way (:func:`_requantized_torchao`)."""
+    if _is_torchao_weight(getattr(module, "weight", None)):
+        return _requantized_torchao(module, delta)
     if not _is_bnb(module):
         raise NotMergeableError(
             f"requantizing a {quantized_kind(module) or type(module).__name__} base is not implemented (only "
-            "bitsandbytes); use lorafx.merge_dequantized(model); the model is unchanged"
+            "bitsandbytes and torchao int8 weight-only); use lorafx.merge_dequantized(model); the model is unchanged"
         )
     import bitsandbytes as bnb
 
@@ -171,6 +174,32 @@ def _region_prefix(sa, prefix: str) -> str | None:
         return None
     region = ".".join(parts[:-2])
     return f"{region}." if region else ""
+
+
+def _requantized_torchao(module: nn.Module, delta: torch.Tensor) -> nn.Linear:
+    """A frozen ``nn.Linear`` (no bias: :func:`swap_base` replaces only a torchao base's weight) whose
+    weight is ``dequant(Wq) + ΔW`` quantized again with the config ``Wq`` was made with. Only torchao's
+    int8 weight-only per-row tensor (``Int8WeightOnlyConfig()``'s ``Int8Tensor``, block ``[1, d_in]``,
+    no activation quantization) is recognised: other configs cannot be read back from the tensor, so
+    they are refused rather than requantized with a different scheme."""
+    w = module.weight.data if isinstance(module.weight, nn.Parameter) else module.weight
+    d_out, d_in = w.shape
+    kind = quantized_kind(module)
+    per_row = list(getattr(w, "block_size", [])) == [1, d_in] and getattr(w, "act_quant_kwargs", None) is None
+    if type(w).__name__ != "Int8Tensor" or not per_row:
+        raise NotMergeableError(
+            f"requantizing a {kind} base is not implemented (torchao: only Int8WeightOnlyConfig()'s per-row "
+            "int8 weights); use lorafx.merge_dequantized(model); the model is unchanged"
+        )
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    dense = dequantized_weight(module) + delta.to(w.device).float()
+    new = nn.Linear(d_in, d_out, bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(dense.to(w.dtype))
+    quantize_(new, Int8WeightOnlyConfig(set_inductor_config=False))  # True would edit inductor's globals
+    new.weight.requires_grad_(False)
+    return new.train(module.training)
 
 
 def save_base_state(sa, destination: dict, prefix: str, keep_vars: bool) -> None:

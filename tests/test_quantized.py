@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quant_helpers import bnb_llama, fresh, save_tiny_llama, torchao_llama
-from tolerances import MERGED_LOGITS_FP32, assert_close
+from tolerances import MERGED_LOGITS_FP32, TORCHAO_INT8_REQUANT_LOGITS, assert_close
 from torch import nn
 
 import lorafx
@@ -254,10 +254,21 @@ def test_torchao_int8_weight_only_sites():
     unmerged = model(IDS).logits.detach()
     with pytest.raises(NotMergeableError, match="torchao-Int8Tensor"):
         lorafx.merge(model)
-    with pytest.raises(NotMergeableError, match="requantizing a torchao-Int8Tensor base is not implemented"):
-        lorafx.merge_requantized(model)
-    assert type(q.weight).__name__ == "Int8Tensor"  # the failed requantize left the model as it was
     aqt = q.weight
+    lost = lorafx.merge_requantized(model)  # Q(dequant(Wq) + ΔW) with Int8WeightOnlyConfig() again
+    assert len(lost) == 14 and all(0 < v < 1 for v in lost.values())
+    requant = q.weight
+    assert type(requant).__name__ == "Int8Tensor" and requant is not aqt
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    by_hand = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        by_hand.weight.copy_(dequantized_weight_of(aqt) + a.delta_weight())
+    quantize_(by_hand, Int8WeightOnlyConfig(set_inductor_config=False))
+    assert torch.equal(dequantized_weight_of(requant), dequantized_weight_of(by_hand.weight))
+    assert_close(model(IDS).logits, unmerged, **TORCHAO_INT8_REQUANT_LOGITS)
+    lorafx.unmerge(model)
+    assert q.weight is aqt
     lorafx.merge_dequantized(model)
     assert type(q.weight) is nn.Parameter and torch.equal(q.weight, dequantized_weight_of(aqt) + a.delta_weight())
     assert_close(model(IDS).logits, unmerged, **MERGED_LOGITS_FP32)
