@@ -33,6 +33,41 @@ def test_4bit_kernel_under_the_triton_interpreter():
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
+@pytest.mark.skipif(INTERPRETED, reason="runs once, in the launching process")
+def test_4bit_op_opcheck_and_gradients_against_fp64():
+    """``lorafx::lora_linear_4bit`` on CPU (its composite): ``torch.library.opcheck`` (schema, fake,
+    autograd registration), and output plus x/A/B/gate gradients equal to dequant-then-``lora_linear``
+    in fp64 (bitsandbytes' ``dequantize_4bit`` for W: nf4 + double quant, K a multiple of the block)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from tolerances import assert_close
+
+    from lorafx.kernels import lora_linear_4bit as op
+    from lorafx.kernels.quantized_site import fused_operands
+    from lorafx.quantized import dequantized_weight
+
+    g = torch.Generator().manual_seed(0)
+    lin = bnb.nn.Linear4bit(128, 48, bias=True, compute_dtype=torch.float32, compress_statistics=True)
+    lin.load_state_dict({"weight": torch.randn(48, 128, generator=g) / 11, "bias": torch.randn(48, generator=g)})
+    lin = lin.cpu()
+    operands = fused_operands(lin)
+    x = torch.randn(2, 5, 128, generator=g, requires_grad=True)
+    A = (torch.randn(8, 128, generator=g) / 11).requires_grad_()
+    B = torch.randn(48, 8, generator=g, requires_grad=True)
+    s, gate = torch.tensor(0.5), torch.rand(2, 5, 8, generator=g, requires_grad=True)
+    args = (x, *operands, lin.bias.detach(), A, B, s, gate)
+    torch.library.opcheck(op.lora_linear_4bit, args)
+    y = op.lora_linear_4bit(*args)
+    W = dequantized_weight(lin).double()
+    leaves = [x, A, B, gate]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    xd, Ad, Bd, gd = ref_leaves
+    ref = xd @ W.T + lin.bias.double() + 0.5 * ((xd @ Ad.T) * gd) @ Bd.T
+    assert_close(y.double(), ref, torch.float32)  # an fp32 op vs fp64: the fp32 tolerance
+    dy = torch.randn(y.shape, generator=g)
+    for a, w in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, ref_leaves, dy.double()), strict=True):
+        assert_close(a.double(), w, torch.float32)
+
+
 if INTERPRETED:
     import bitsandbytes as bnb
     from bitsandbytes.backends.default import ops as bnb_default
