@@ -28,6 +28,7 @@ import tempfile
 
 import torch
 from quant_helpers import bnb_llama, save_tiny_llama, torchao_llama
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import lorafx
 from lorafx.cli.models import tiny_llama
@@ -57,8 +58,15 @@ def w16_merge(model, ids, dense):
     return wrong(ids).logits
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    # a torchao tensor subclass reports its logical dtype's element size: count its inner tensors
+    if is_traceable_wrapper_subclass(t):
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
 def _bytes(model, skip) -> int:
-    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if not skip(k))
+    return sum(_nbytes(t) for k, t in model.state_dict().items() if not skip(k))
 
 
 def memory(base) -> str:
