@@ -35,12 +35,11 @@ def compile_4bit(arch: int, dtype: str, tile: tuple, nested: bool, aligned: bool
         "x_ptr": f"*{dtype}",
         "q_ptr": "*u8",
         "absmax_ptr": "*u8" if nested else "*fp32",
-        **dict.fromkeys(["code_ptr", "absmax2_ptr", "code2_ptr"], "*fp32"),
+        **dict.fromkeys(["code_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr"], "*fp32"),
         "bias_ptr": f"*{dtype}",
         **dict.fromkeys(["h_ptr", "bt_ptr"], "*fp32"),
         "y_ptr": f"*{dtype}",
         **dict.fromkeys(["M", "N", "K", "R"], "i32"),
-        "offset": "fp32",
         **dict.fromkeys(STRIDES, "i32"),
     }
     meta = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, ALIGNED=aligned, HAS_BIAS=True, HAS_ADAPTER=True)

@@ -3,7 +3,8 @@
 ``lora_linear_4bit(x, Wq, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s,
 g, x_in)`` = ``x·dequant(Wq)ᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ``, with ``Wq`` in bitsandbytes' packed layout
 (:mod:`lorafx.kernels._triton.lora_4bit` describes it; ``absmax2``/``code2``/``offset`` are the
-double-quant state, None/None/0 without it). The CPU (and default) kernel dequantizes with
+double-quant state, all None without it; ``offset`` is bitsandbytes' 0-dim tensor, passed as a tensor
+so that a compiled graph neither syncs on it nor guards on its value). The CPU (and default) kernel dequantizes with
 :func:`dequantize_4bit` and runs the canonical composite; on CUDA with triton installed the kernel is
 the fused Triton one (decode, GEMM and adapter expand in one accumulator, the dense weight never
 written). The backward dequantizes ``W`` once (as bitsandbytes' own backward does) and reuses
@@ -27,7 +28,7 @@ def dequantize_4bit(
     code: Tensor,
     absmax2: Tensor | None,
     code2: Tensor | None,
-    offset: float,
+    offset: Tensor | None,
     N: int,
     K: int,
     blocksize: int,
@@ -41,7 +42,7 @@ def dequantize_4bit(
     scale = absmax.float()
     if absmax2 is not None:
         j = torch.arange(absmax.numel(), device=absmax.device)
-        scale = code2.float()[absmax.reshape(-1).long()] * absmax2.float()[j // blocksize2] + offset
+        scale = code2.float()[absmax.reshape(-1).long()] * absmax2.float()[j // blocksize2] + offset.float()
     i = torch.arange(N * K, device=qweight.device)
     return (code.float()[codes] * scale.reshape(-1)[i // blocksize]).reshape(N, K)
 
@@ -54,7 +55,7 @@ def lora_linear_4bit(
     code: Tensor,
     absmax2: Tensor | None,
     code2: Tensor | None,
-    offset: float,
+    offset: Tensor | None,
     N: int,
     blocksize: int,
     blocksize2: int,
@@ -78,13 +79,13 @@ def _(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2
 
 def _setup_context(ctx, inputs, output) -> None:
     x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g, x_in = inputs
-    ctx.save_for_backward(x, qweight, absmax, code, absmax2, code2, A, B, s, g, x_in)
-    ctx.meta = (offset, N, blocksize, blocksize2, b is not None)
+    ctx.save_for_backward(x, qweight, absmax, code, absmax2, code2, offset, A, B, s, g, x_in)
+    ctx.meta = (N, blocksize, blocksize2, b is not None)
 
 
 def _backward(ctx, dy):
-    x, qweight, absmax, code, absmax2, code2, A, B, s, g, x_in = ctx.saved_tensors
-    offset, N, blocksize, blocksize2, has_b = ctx.meta
+    x, qweight, absmax, code, absmax2, code2, offset, A, B, s, g, x_in = ctx.saved_tensors
+    N, blocksize, blocksize2, has_b = ctx.meta
     n = needs(ctx)
     W = dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, N, x.shape[-1], blocksize, blocksize2)
     W = W.to(x.dtype)
@@ -126,7 +127,7 @@ def triton_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksiz
         code,
         None if absmax2 is None else absmax2.reshape(-1),
         code2,
-        offset,
+        None if offset is None else offset.reshape(1).float(),
         N,
         blocksize,
         blocksize2,

@@ -46,7 +46,8 @@ def fused_operands(base) -> tuple | None:
         qs.code,
         qs.state2.absmax if nested else None,
         qs.state2.code if nested else None,
-        float(qs.offset) if nested else 0.0,
+        # a tensor, never float(): that would sync the device and break a compiled graph
+        torch.as_tensor(qs.offset, dtype=torch.float32, device=qs.absmax.device).reshape(()) if nested else None,
         int(qs.shape[0]),
         int(qs.blocksize),
         int(qs.state2.blocksize) if nested else 256,

@@ -43,7 +43,7 @@ def _configs() -> list:
 
 @triton.jit
 def _decode_tile(
-    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, k0, rk, rn, k_mask, n_mask, K,
+    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, k0, rk, rn, k_mask, n_mask, K,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     # ---- dequant(Wq)ᵀ[rk, rn] in fp32: element (n, k) is flat element n·K + k of the packed weight
@@ -62,7 +62,7 @@ def _decode_tile(
         bmask = mask
     if NESTED:
         scale = tl.load(code2_ptr + tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32))
-        scale = scale * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=bmask, other=0.0) + offset
+        scale = scale * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=bmask, other=0.0) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
     if ALIGNED:
@@ -84,9 +84,9 @@ def _prune(configs, named_args, **kwargs) -> list:
 @triton.jit
 def lora_4bit_kernel(
     # pointers
-    x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, bias_ptr, h_ptr, bt_ptr, y_ptr,
-    # dims (offset: the double-quant absmax offset, a scalar)
-    M, N, K, R, offset,
+    x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, h_ptr, bt_ptr, y_ptr,
+    # dims
+    M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_hm, stride_hr, stride_br, stride_bn, stride_ym, stride_yn,
     # meta-parameters
@@ -108,7 +108,7 @@ def lora_4bit_kernel(
             x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
         w = _decode_tile(
-            q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, k0, rk, rn, k_mask, n_mask, K,
+            q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, k0, rk, rn, k_mask, n_mask, K,
             BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED,
         )  # fmt: skip
         if DOT_FP32:  # fp32 inputs: ieee dots (tf32 would drop 13 mantissa bits)
@@ -142,11 +142,12 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))  # tl.dot needs every block dim >= 16
 
 
-def lora_4bit(x2, qweight, absmax, code, absmax2, code2, offset: float, N: int, blocksize: int, blocksize2: int,
+def lora_4bit(x2, qweight, absmax, code, absmax2, code2, offset, N: int, blocksize: int, blocksize2: int,
               bias=None, h=None, bt=None):  # fmt: skip
     """``x2 @ dequant(Wq)ᵀ + h @ bt + bias`` ``[M, N]`` in ``x2``'s dtype (layout: module docstring).
 
-    ``qweight`` uint8 ``[N·K/2]``; ``absmax`` fp32, or uint8 with ``absmax2``/``code2`` (double quant);
+    ``qweight`` uint8 ``[N·K/2]``; ``absmax`` fp32, or uint8 with ``absmax2``/``code2``/``offset``
+    (double quant; ``offset`` a one-element fp32 tensor, read on the device: no host sync);
     ``h`` ``[M, R]`` (scaled and gated), ``bt`` ``[R, N]``; all on one device."""
     M, K = x2.shape
     if N * K >= 2**31:
@@ -162,8 +163,8 @@ def lora_4bit(x2, qweight, absmax, code, absmax2, code2, offset: float, N: int, 
     aligned = K % blocksize == 0 and blocksize % 64 == 0
     lora_4bit_kernel[grid](
         x2, qweight, absmax, code, absmax2 if nested else absmax, code2 if nested else code,
-        bias if bias is not None else y, h_, bt_, y,
-        M, N, K, R, float(offset),
+        offset if nested else code, bias if bias is not None else y, h_, bt_, y,
+        M, N, K, R,
         x2.stride(0), x2.stride(1), h_.stride(0), h_.stride(1), bt_.stride(-2), bt_.stride(-1), y.stride(0), y.stride(1),
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, ALIGNED=aligned,
         HAS_BIAS=bias is not None, HAS_ADAPTER=adapter, DOT_FP32=x2.dtype == torch.float32, BLOCK_R=_block_r(R),
