@@ -50,7 +50,8 @@ def compile(
         model: a model returned by :func:`lorafx.apply`.
         kernels: ``"composite"`` (plain PyTorch canonical evaluator, inductor fuses it), ``"ops"``
             (every eligible site is one ``torch.ops.lorafx.lora_linear`` node: Triton on CUDA, the
-            composite on CPU) or ``"auto"`` (``"ops"`` when the model is on CUDA and triton is
+            composite on CPU; bitsandbytes 4-bit sites call ``torch.ops.lorafx.lora_linear_4bit``,
+            the fused dequant + GEMM + expand kernel, on CUDA) or ``"auto"`` (``"ops"`` when the model is on CUDA and triton is
             installed, else ``"composite"``); ``"reference"`` and ``"triton"`` are aliases of the first
             two. Applied with :func:`use_kernels`: lowered copies of the regions are swapped in, never
             edited in place, and a later ``use_kernels(model, "composite")`` swaps the originals back.
