@@ -45,8 +45,8 @@ def test_4bit_kernel_under_the_triton_interpreter():
 
 @pytest.mark.skipif(INTERPRETED, reason="runs once, in the launching process")
 def test_4bit_op_opcheck_and_gradients_against_fp64():
-    """``lorafx::lora_linear_4bit`` on CPU (its composite): ``torch.library.opcheck`` (schema, fake,
-    autograd registration), and output plus x/A/B/gate gradients equal to dequant-then-``lora_linear``
+    """``lorafx::lora_linear_4bit`` and its backward op on CPU (their composites): ``torch.library.opcheck``
+    (schema, fake, autograd registration), and output plus x/A/B/gate gradients equal to dequant-then-``lora_linear``
     in fp64 (bitsandbytes' ``dequantize_4bit`` for W: nf4 + double quant, K a multiple of the block)."""
     bnb = pytest.importorskip("bitsandbytes")
     from tolerances import assert_close
@@ -66,6 +66,10 @@ def test_4bit_op_opcheck_and_gradients_against_fp64():
     s, gate = torch.tensor(0.5), torch.rand(2, 5, 8, generator=g, requires_grad=True)
     args = (x, *operands, lin.bias.detach(), A, B, s, gate)
     torch.library.opcheck(op.lora_linear_4bit, args)
+    dy0 = torch.randn(2, 5, 48, generator=g)
+    plain = [t.detach() for t in (x, A, B)]  # a backward op: no autograd of its own, as lora_linear_backward
+    back_args = (dy0, plain[0], *operands, plain[1], plain[2], s, gate.detach(), None, True)
+    torch.library.opcheck(op.lora_linear_4bit_backward, back_args)
     y = op.lora_linear_4bit(*args)
     W = dequantized_weight(lin).double()
     leaves = [x, A, B, gate]
@@ -144,11 +148,43 @@ if INTERPRETED:
             composite = op.lora_linear_4bit(x, *operands, b, A, B, s, gt, x_in)  # the op's CPU kernel
             assert_close(composite.double(), want, torch.float64, **KERNEL_4BIT[dtype])
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "-".join(map(str, c)))
+    def test_fused_4bit_backward_matches_fp64_autograd(case, dtype):
+        """``triton_backward``: ``dx = dy·dequant(Wq) + dh A`` with W decoded transposed (aligned: K =
+        128; per-element: 96, 70), and dA, dB, dg, d_xin, against fp64 autograd of the formula."""
+        M, K, N, quant_type, nested = case
+        lin = _linear4bit(K, N, quant_type, nested, bias=False, seed=M)
+        operands = quantized_site.fused_operands(lin)
+        W = _reference_weight(lin)
+        g = torch.Generator().manual_seed(2)
+        r = 8
+        for gate, dropout in ((False, False), (True, True)):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            x_in = x * 0.5 if dropout else None
+            A, B = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g)
+            s, gt = torch.tensor(0.75), (torch.rand(M, r, generator=g) if gate else None)
+            dy = torch.randn(M, N, generator=g).to(dtype)
+            got = op.triton_backward(dy, x, *operands, A, B, s, gt, x_in, True)
+            leaves = [t.double().requires_grad_() for t in (x, A, B)]
+            xd, Ad, Bd = leaves
+            xin = xd * 0.5 if dropout else xd
+            gd = gt.double().requires_grad_() if gate else None
+            h = (xin @ Ad.T) * (1.0 if gd is None else gd)
+            y = xd @ W.T + 0.75 * h @ Bd.T
+            want = torch.autograd.grad(y, leaves + ([gd] if gate else []), dy.double())
+            dx, d_xin, dA, dB, dg = got
+            assert dx.dtype == dtype and dA.dtype == dB.dtype == torch.float32
+            if dropout:  # dx is the base path's share of ∂x; x_in = x/2 adds d_xin/2
+                dx = dx.double() + 0.5 * d_xin.double()
+            for name, a, w in zip(("dx", "dA", "dB", "dg"), (dx, dA, dB, dg), want, strict=False):
+                assert_close(a.double(), w, torch.float64, **KERNEL_4BIT[dtype], msg=name)
+
     def test_quantized_sites_run_the_fused_kernel_under_use_kernels(monkeypatch):
         """End to end: a model with bitsandbytes NF4 linears, adapted; ``use_kernels(model, "ops")`` points
-        its quantized sites at the fused op. With that op's kernel registered for CPU (the interpreted
-        Triton kernel, as ``register_triton`` does for CUDA) it runs, and output and adapter gradients
-        equal the composite path (the module's own forward + the adapter). K is a multiple of the quant
+        its quantized sites at the fused op. With the forward and backward ops' kernels registered for
+        CPU (the interpreted Triton kernels, as ``register_triton`` does for CUDA) both run, and output
+        and adapter gradients equal the composite path (the module's own forward + the adapter). K is a multiple of the quant
         block: bitsandbytes' CPU forward is wrong otherwise (see the module docstring)."""
         model = nn.Sequential(_linear4bit(64, 128, "nf4", True), nn.ReLU(), _linear4bit(128, 32, "nf4", False, seed=1))
         spec = lorafx.Spec(lorafx.LoRA(r=4, alpha=8, init="random"), targets=["0", "2"])
@@ -168,11 +204,20 @@ if INTERPRETED:
         if "cpu" not in fused_op._backend_fns:  # a CPU slot holding the composite, restored after the test
             fused_op.register_kernel("cpu")(fused_op._init_fn)
         monkeypatch.setitem(fused_op._backend_fns, "cpu", kernel)
+        back_op = op.lora_linear_4bit_backward
+        if "cpu" not in back_op._backend_fns:
+            back_op.register_kernel("cpu")(back_op._init_fn)
+
+        def backward_kernel(*args):
+            calls.append("backward")
+            return op.triton_backward(*args)
+
+        monkeypatch.setitem(back_op._backend_fns, "cpu", backward_kernel)
         assert lorafx.use_kernels(model, "ops") == 2
         got = model(x)
         grads = torch.autograd.grad(got.sum(), [p for p in model.parameters() if p.requires_grad])
         lorafx.use_kernels(model, "composite")
-        assert len(calls) == 2  # both sites ran the kernel
+        assert len(calls) == 4 and calls.count("backward") == 2  # both sites ran both kernels
         assert_close(got, want, **KERNEL_4BIT[torch.float32])
         for a, w in zip(grads, grads_want, strict=True):
             assert_close(a, w, **KERNEL_4BIT[torch.float32])

@@ -2,7 +2,7 @@
 sm_90a, then the ``ptxas -v`` and ``nvdisasm`` shipped in the triton wheel. Checks: no register spills
 (ptxas ``0 bytes spill stores``, no local loads/stores in the SASS) and every ``tl.dot`` on tensor
 cores (HMMA on sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a), none on CUDA cores (the
-decode multiplies with FMUL; an fp32 dot would show up as thousands of FFMA).
+decode multiplies with FMUL; a dot on CUDA cores would show up as hundreds of FFMA per thread).
 
 One representative config runs by default (~7 s of CPU); every autotune config x target x path is
 ``slow`` (8 compiles per target, 30 s to 2 min each on this shared 2-core machine).
@@ -23,8 +23,9 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 STRIDES = ["stride_xm", "stride_xk", "stride_hm", "stride_hr", "stride_br", "stride_bn", "stride_ym", "stride_yn"]
 
 
-def compile_4bit(arch: int, dtype: str, tile: tuple, nested: bool, aligned: bool, tmp: Path) -> dict:
-    """Compile ``lora_4bit_kernel`` for ``sm_<arch>`` (90: sm_90a) and read its resources."""
+def compile_4bit(arch: int, dtype: str, tile: tuple, nested: bool, aligned: bool, tmp: Path, trans=False) -> dict:
+    """Compile ``lora_4bit_kernel`` for ``sm_<arch>`` (90: sm_90a) and read its resources; ``trans``:
+    the backward's ``dy·dequant(Wq)`` form."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -39,10 +40,11 @@ def compile_4bit(arch: int, dtype: str, tile: tuple, nested: bool, aligned: bool
         "bias_ptr": f"*{dtype}",
         **dict.fromkeys(["h_ptr", "bt_ptr"], "*fp32"),
         "y_ptr": f"*{dtype}",
-        **dict.fromkeys(["M", "N", "K", "R"], "i32"),
+        **dict.fromkeys(["M", "N", "K", "R", "KW"], "i32"),
         **dict.fromkeys(STRIDES, "i32"),
     }
-    meta = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, ALIGNED=aligned, HAS_BIAS=True, HAS_ADAPTER=True)
+    meta = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, ALIGNED=aligned, TRANS=trans)
+    meta.update(HAS_BIAS=not trans, HAS_ADAPTER=True)
     meta.update(DOT_FP32=False, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     sig.update(dict.fromkeys(meta, "constexpr"))
     src = ASTSource(lora_4bit_kernel.fn, sig, meta)
@@ -69,7 +71,10 @@ def assert_tensor_cores_no_spills(res: dict, arch: int) -> None:
     assert res["HGMMA"] + res["HMMA"] > 0, res  # the dots run on tensor cores
     if arch == 80:
         assert res["HGMMA"] == 0, res
-    assert res["FFMA"] <= 4, res  # no dot lowered to CUDA-core FMAs (one BLOCK_M x BLOCK_N tile alone is 100s)
+    # No dot lowered to CUDA-core FMAs: a 64 x 64 x 16 step alone would be 512 per thread. The FFMAs
+    # present are the double-quant scales, code2·absmax2 + offset, one per scale a thread holds (1 in
+    # the forward, 16-32 in the backward's TRANS tiles, where each thread holds a column of scales).
+    assert res["FFMA"] <= 64, res
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +97,8 @@ def test_4bit_kernel_compiles_for_sm90a_on_tensor_cores_without_spills(tmp_path)
 def test_every_autotune_config_compiles_without_spills(arch, tmp_path):
     """Every GPU autotune config of the kernel in fp16, on both paths the launcher can pick (the
     unaligned path only with the configs ``_prune`` keeps), and the largest tile in bf16 (measured:
-    the same registers and MMA counts as fp16). 8 compiles per target, 1-2 min each on this machine."""
+    the same registers and MMA counts as fp16), then the backward's transposed decode (``TRANS``) for
+    every config ``_prune`` keeps for it. 12 compiles per target, 30 s to 2 min each on this machine."""
     from lorafx.kernels._triton import lora_4bit
 
     configs = _gpu_configs(lora_4bit)
@@ -108,6 +114,12 @@ def test_every_autotune_config_compiles_without_spills(arch, tmp_path):
     for dtype, tile, nested, aligned in runs:
         res = compile_4bit(arch, dtype, tile, nested, aligned, tmp_path)
         print(arch, dtype, tile, nested, aligned, res)
+        assert_tensor_cores_no_spills(res, arch)
+    for cfg in lora_4bit._prune(configs, {}, ALIGNED=True, TRANS=True):  # the backward's ∂x
+        k = cfg.kwargs
+        tile = (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+        res = compile_4bit(arch, "fp16", tile, True, True, tmp_path, trans=True)
+        print(arch, "fp16 trans", tile, res)
         assert_tensor_cores_no_spills(res, arch)
 
 
