@@ -149,10 +149,10 @@ if INTERPRETED:
             assert_close(composite.double(), want, torch.float64, **KERNEL_4BIT[dtype])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-    @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "-".join(map(str, c)))
+    @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: "-".join(map(str, c)))
     def test_fused_4bit_backward_matches_fp64_autograd(case, dtype):
         """``triton_backward``: ``dx = dy·dequant(Wq) + dh A`` with W decoded transposed (aligned: K =
-        128; per-element: 96, 70), and dA, dB, dg, d_xin, against fp64 autograd of the formula."""
+        128, NF4; per-element: K = 70, FP4), and dA, dB, dg, d_xin, against fp64 autograd."""
         M, K, N, quant_type, nested = case
         lin = _linear4bit(K, N, quant_type, nested, bias=False, seed=M)
         operands = quantized_site.fused_operands(lin)
