@@ -8,8 +8,8 @@ installed) its Triton kernels:
 * :mod:`~lorafx.kernels.lora_linear_multi`: ``lorafx::lora_linear_multi`` and its backward op;
 * :mod:`~lorafx.kernels.celora_input_grad`: ``lorafx::celora_input_grad``;
 * :mod:`~lorafx.kernels.site`: the ``"ops"`` site implementation (a site as one op node);
-* :mod:`~lorafx.kernels.lora_linear_4bit`: ``lorafx::lora_linear_4bit`` (bitsandbytes NF4/FP4 base:
-  fused dequant + GEMM + adapter expand on CUDA);
+* :mod:`~lorafx.kernels.lora_linear_4bit`: ``lorafx::lora_linear_4bit`` and its backward op
+  (bitsandbytes NF4/FP4 base: fused dequant + GEMM + adapter expand on CUDA, forward and ∂x);
 * :mod:`~lorafx.kernels.quantized_site`: the ``"ops"`` implementation of quantized sites.
 
 The Triton kernels and launchers live in the private ``lorafx.kernels._triton``, the only importer
