@@ -157,6 +157,20 @@ class SiteAdapters(nn.Module):
             self.__dict__["_base"].train(mode)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.__dict__.get("_base_state_key") is not None and self.__dict__["_base"] is not None:
+            from lorafx.quantized import save_base_state
+
+            save_base_state(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.__dict__.get("_base_state_key") is not None and self.__dict__["_base"] is not None:
+            from lorafx.quantized import load_base_state
+
+            load_base_state(self, state_dict, prefix, local_metadata, strict, unexpected, errors)
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base term ``x Wᵀ + b`` computed by :attr:`base`'s own forward (its dequant-GEMM)."""
         return self.__dict__["_base"].forward(x)

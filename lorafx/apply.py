@@ -136,6 +136,8 @@ def build(p: Plan) -> Prepared:
                     sa.set_base(site.module)
                 if needs_own_forward(site.module):
                     sa.set_base(site.module)
+                    if not local:  # the region is the quantized linear itself: keep bitsandbytes' state keys
+                        sa.__dict__["_base_state_key"] = key
                 sa.train(a.training)
                 sa.adapters[p.name] = a
                 fresh[local] = made[leader] = sa

@@ -149,6 +149,17 @@ def quantized_lora_linear(x: Tensor, sites, low: Lowered | None) -> Tensor:
     return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale)
 
 
+# Quantized sites (``impl(x, sites, low)``) by site-implementation name: "composite" is the function
+# above; ``lorafx.kernels.quantized_site`` adds "ops" (the fused 4-bit kernel on CUDA). Passes that
+# retarget sites to a kernel choice retarget these nodes too, to the entry of the same name if any.
+QUANTIZED_SITE_IMPLEMENTATIONS: dict[str, Callable] = {"composite": quantized_lora_linear}
+
+
+def is_quantized_site_call(node) -> bool:
+    """True for an fx node that calls a quantized site implementation (``impl(x, sites, low)``)."""
+    return node.op == "call_function" and any(node.target is fn for fn in QUANTIZED_SITE_IMPLEMENTATIONS.values())
+
+
 @site_implementation("functional")
 def lora_linear_functional(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | None) -> Tensor:
     """:func:`lora_linear` out of place, every adapter operand cast to the output's dtype: the form

@@ -50,7 +50,8 @@ def compile(
         model: a model returned by :func:`lorafx.apply`.
         kernels: ``"composite"`` (plain PyTorch canonical evaluator, inductor fuses it), ``"ops"``
             (every eligible site is one ``torch.ops.lorafx.lora_linear`` node: Triton on CUDA, the
-            composite on CPU) or ``"auto"`` (``"ops"`` when the model is on CUDA and triton is
+            composite on CPU; bitsandbytes 4-bit sites call ``torch.ops.lorafx.lora_linear_4bit``,
+            the fused dequant + GEMM + expand kernel, on CUDA) or ``"auto"`` (``"ops"`` when the model is on CUDA and triton is
             installed, else ``"composite"``); ``"reference"`` and ``"triton"`` are aliases of the first
             two. Applied with :func:`use_kernels`: lowered copies of the regions are swapped in, never
             edited in place, and a later ``use_kernels(model, "composite")`` swaps the originals back.
@@ -135,10 +136,11 @@ def use_kernels(model: nn.Module, kernels: str = "auto") -> int:
     (the op's CPU kernel is the canonical composite); what changes is that each site is one opaque op
     node in compiled graphs. No ``forward`` is ever assigned on a module.
 
-    Returns the number of sites that call the chosen implementation.
+    Returns the number of sites that call the chosen implementation (quantized sites included: with
+    ``"ops"`` they call :func:`lorafx.kernels.quantized_site.quantized_op_lora_linear`).
     """
     import lorafx.kernels  # noqa: F401  (registers the "ops" site implementation)
-    from lorafx.canonical import SITE_IMPLEMENTATIONS
+    from lorafx.canonical import QUANTIZED_SITE_IMPLEMENTATIONS, SITE_IMPLEMENTATIONS
     from lorafx.passes.lower_to_ops import lower_to_ops
 
     data = state.get(model)
@@ -151,7 +153,7 @@ def use_kernels(model: nn.Module, kernels: str = "auto") -> int:
     swaps = []
     for fqn, region in [(n, m) for n, m in model.named_modules() if is_region(m)]:
         if fqn == "":
-            changed = _retarget_root(region, target)
+            changed = _retarget_root(region, chosen)
             if changed:
                 data.kernel_undo.append(_Retargeted(changed))
             continue
@@ -160,7 +162,8 @@ def use_kernels(model: nn.Module, kernels: str = "auto") -> int:
             swaps.append((fqn, result.graph_module))
             data.kernel_undo.append(_Swapped(fqn, region, result.graph_module))
     _swap(model, swaps)
-    return sum(n.target is target for m in model.modules() if is_region(m) for n in m.graph.nodes)
+    quantized = QUANTIZED_SITE_IMPLEMENTATIONS.get(chosen)
+    return sum(n.target in (target, quantized) for m in model.modules() if is_region(m) for n in m.graph.nodes)
 
 
 def _swap(model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
@@ -168,14 +171,15 @@ def _swap(model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
     swap_regions(model, regions, [])
 
 
-def _retarget_root(gm: nn.Module, target: Callable) -> dict[str, Callable]:
-    from lorafx.canonical import is_site_call
+def _retarget_root(gm: nn.Module, implementation: str) -> dict[str, Callable]:
+    from lorafx.passes.retarget_sites import site_target
 
     changed = {}
     for node in gm.graph.nodes:
-        if is_site_call(node) and node.target is not target:
+        new = site_target(node, implementation)
+        if new is not None and node.target is not new:
             changed[node.name] = node.target
-            node.target = target
+            node.target = new
     if changed:
         gm.recompile()
     return changed

@@ -124,11 +124,14 @@ def dense_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Lin
 
 def requantized(module: nn.Module, delta: torch.Tensor) -> nn.Module:
     """A new bitsandbytes module of ``module``'s kind and settings, quantized from
-    ``dequant(Wq) + ΔW`` (fp32 sum) on ``module``'s device."""
+    ``dequant(Wq) + ΔW`` (fp32 sum) on ``module``'s device; for a torchao int8 weight-only base, an
+    ``nn.Linear`` whose weight is requantized the same way (:func:`_requantized_torchao`)."""
+    if _is_torchao_weight(getattr(module, "weight", None)):
+        return _requantized_torchao(module, delta)
     if not _is_bnb(module):
         raise NotMergeableError(
             f"requantizing a {quantized_kind(module) or type(module).__name__} base is not implemented (only "
-            "bitsandbytes); use lorafx.merge_dequantized(model); the model is unchanged"
+            "bitsandbytes and torchao int8 weight-only); use lorafx.merge_dequantized(model); the model is unchanged"
         )
     import bitsandbytes as bnb
 
@@ -161,6 +164,77 @@ def requantized(module: nn.Module, delta: torch.Tensor) -> nn.Module:
     new.load_state_dict(state)
     new.weight.requires_grad_(False)
     return new.to(w.device).train(module.training)
+
+
+def _region_prefix(sa, prefix: str) -> str | None:
+    # "<region>.lorafx.<key>." -> "<region>." ("" for a root region); None unless this is the
+    # SiteAdapters of a single-linear region over a bitsandbytes module (see save_base_state)
+    parts = prefix.rstrip(".").split(".")
+    if len(parts) < 2 or parts[-1] != sa.__dict__.get("_base_state_key") or not _is_bnb(sa.base):
+        return None
+    region = ".".join(parts[:-2])
+    return f"{region}." if region else ""
+
+
+def _requantized_torchao(module: nn.Module, delta: torch.Tensor) -> nn.Linear:
+    """A frozen ``nn.Linear`` (no bias: :func:`swap_base` replaces only a torchao base's weight) whose
+    weight is ``dequant(Wq) + ΔW`` quantized again with the config ``Wq`` was made with. Only torchao's
+    int8 weight-only per-row tensor (``Int8WeightOnlyConfig()``'s ``Int8Tensor``, block ``[1, d_in]``,
+    no activation quantization) is recognised: other configs cannot be read back from the tensor, so
+    they are refused rather than requantized with a different scheme."""
+    w = module.weight.data if isinstance(module.weight, nn.Parameter) else module.weight
+    d_out, d_in = w.shape
+    kind = quantized_kind(module)
+    per_row = list(getattr(w, "block_size", [])) == [1, d_in] and getattr(w, "act_quant_kwargs", None) is None
+    if type(w).__name__ != "Int8Tensor" or not per_row:
+        raise NotMergeableError(
+            f"requantizing a {kind} base is not implemented (torchao: only Int8WeightOnlyConfig()'s per-row "
+            "int8 weights); use lorafx.merge_dequantized(model); the model is unchanged"
+        )
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    dense = dequantized_weight(module) + delta.to(w.device).float()
+    new = nn.Linear(d_in, d_out, bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(dense.to(w.dtype))
+    quantize_(new, Int8WeightOnlyConfig(set_inductor_config=False))  # True would edit inductor's globals
+    new.weight.requires_grad_(False)
+    return new.train(module.training)
+
+
+def save_base_state(sa, destination: dict, prefix: str, keep_vars: bool) -> None:
+    """Add a bitsandbytes base's own state-dict entries (4-bit quant state: ``weight.absmax``,
+    ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4`` ...; 8-bit ``weight.SCB``) under the
+    name of the region that replaced it, for a single-linear region (``SiteAdapters`` at key
+    ``sa._base_state_key``, ``prefix`` = ``<region>.lorafx.<key>.``). Such a region holds the packed
+    weight as its own parameter, so without this its ``state_dict`` lost those entries and a checkpoint
+    of the adapted model could not be dequantized or reloaded as bitsandbytes does. Entries already
+    written (``weight``, ``bias``) are kept."""
+    region = _region_prefix(sa, prefix)
+    if region is None:
+        return
+    extra: dict = {}
+    sa.base._save_to_state_dict(extra, region, keep_vars)
+    for k, v in extra.items():
+        destination.setdefault(k, v)
+
+
+def load_base_state(sa, state_dict, prefix: str, local_metadata, strict: bool, unexpected: list, errors: list) -> None:
+    """The load side of :func:`save_base_state`: the bitsandbytes base loads the entries it owns
+    (``Linear8bitLt`` reads ``SCB`` and drops ``weight_format``, as it does unadapted), and those it
+    consumed are no longer reported as unexpected by the region. ``Linear4bit`` loads none of its
+    quant-state entries, so they stay unexpected, as bitsandbytes reports them unadapted (transformers'
+    loader is what reads them): a strict load never silently keeps a stale quant state."""
+    region = _region_prefix(sa, prefix)
+    if region is None or "8bit" not in type(sa.base).__name__:
+        return
+    own: dict = {}
+    sa.base._save_to_state_dict(own, region, False)
+    extra = {k for k in own if k[len(region) :] not in ("weight", "bias")}
+    still: list = []
+    sa.base._load_from_state_dict(state_dict, region, local_metadata, strict, [], still, errors)
+    consumed = extra - set(still)
+    unexpected[:] = [k for k in unexpected if k not in consumed]
 
 
 def swap_base(model: nn.Module, sa, new: nn.Linear) -> Callable[[], None]:

@@ -17,8 +17,9 @@ from torch import nn
 
 from lorafx import state
 from lorafx.apply import RefusedEdit, _slow_path, swap_regions
-from lorafx.errors import LorafxError
-from lorafx.merge import is_merged, merge, unmerge
+from lorafx.errors import LorafxError, SpecError
+from lorafx.merge import is_merged, merge, merge_dequantized, unmerge
+from lorafx.quantized import quantized_kind
 from lorafx.regions import is_region
 
 _ADDED = ("resize_token_embeddings", "save_pretrained")  # instance attributes apply() may add
@@ -93,23 +94,50 @@ def unload(model: nn.Module) -> nn.Module:
     return _unload(model)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     """Fold the active adapter into the base weights (fp32 accumulate, one rounding, finite checks:
     :func:`lorafx.merge`) and return the plain base model holding the merged weights.
 
     The result has the base class and the base ``state_dict`` keys, so ``save_pretrained`` and
     ``from_pretrained`` round-trip it. Raises :class:`lorafx.NotMergeableError` (model unchanged) for
-    input-dependent variants such as MoR.
+    input-dependent variants such as MoR, and for a quantized base unless ``dequantize=True``.
+
+    Args:
+        model: an adapted model.
+        dequantize: for quantized bases (bitsandbytes, torchao): merge with
+            :func:`lorafx.merge_dequantized` and return a model whose adapted quantized linears are
+            plain ``nn.Linear`` in their compute dtype holding ``W = dequant(Wq) + ΔW`` (never the
+            original high-precision W, which the adapter was not trained against). Their state-dict
+            keys are the dense ones (``weight``, ``bias``; bitsandbytes' quant-state keys are gone).
 
     Example:
         >>> merged = lorafx.merge_and_unload(model)
         >>> merged.save_pretrained("runs/merged")  # an ordinary transformers checkpoint
+        >>> dense = lorafx.merge_and_unload(qlora_model, dequantize=True)  # 4-bit base -> dense
     """
+    sites = state.iter_sites(model).values()
     if not is_merged(model):  # merged already: it is the active adapter (set_adapter refuses to switch)
-        merge(model)
-    for sa in state.iter_sites(model).values():
+        if dequantize and any(sa.quantized for sa in sites):
+            merge_dequantized(model)
+        else:
+            merge(model)
+    # bitsandbytes bases: the merged module (dense, or requantized by merge_requantized) stands in the
+    # rewritten region only; the original quantized module gets it back at its FQN after the unload.
+    bases = {sa.site: sa.base for sa in sites if sa.quantized and sa.base is not None}
+    still = sorted(fqn for fqn, m in bases.items() if quantized_kind(m))
+    if dequantize and still:
+        raise SpecError(
+            f"merge_and_unload(dequantize=True): sites {still[:4]} were merged by merge_requantized and hold a "
+            "quantized base; call lorafx.unmerge(model) first. The model is unchanged"
+        )
+    for sa in sites:
         sa.__dict__.pop("_lorafx_original", None)  # merge(keep_original=True)'s copy: not needed any more
-    return _unload(model)
+        sa.__dict__.pop("_lorafx_quantized_base", None)  # merge_dequantized's undo: unloading ends it
+    root = _unload(model)
+    for fqn, module in bases.items():  # the original module adopted the merged tensors: replace it whole
+        parent, _, child = fqn.rpartition(".")
+        setattr(root.get_submodule(parent), child, module)
+    return root
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quant_helpers import bnb_llama, fresh, save_tiny_llama, torchao_llama
-from tolerances import MERGED_LOGITS_FP32, assert_close
+from tolerances import MERGED_LOGITS_FP32, TORCHAO_INT8_REQUANT_LOGITS, assert_close
 from torch import nn
 
 import lorafx
@@ -122,6 +122,71 @@ def test_merge_dequantized_is_dequant_plus_delta_and_unmerge_restores(nf4):
     assert torch.equal(model(IDS).logits, unmerged)
 
 
+def test_merge_and_unload_dequantize_returns_the_dense_model(nf4):
+    """``merge_and_unload(model, dequantize=True)``: the base class back, every adapted 4-bit linear a
+    plain ``nn.Linear`` holding ``dequant(Wq) + ΔW`` (not the original fp32 W + ΔW), outputs equal to the
+    unmerged model, the dense model's state-dict keys. Without ``dequantize`` it refuses, unchanged."""
+    from lorafx.cli.models import tiny_llama
+
+    model = adapt(nf4)
+    sites = lorafx.iter_sites(model)
+    want = {f: dequantized_weight(sa.base) + sa.adapters["default"].delta_weight() for f, sa in sites.items()}
+    unmerged = model(IDS).logits.detach()
+    with pytest.raises(NotMergeableError, match=r"merge_and_unload\(model, dequantize=True\)"):
+        lorafx.merge_and_unload(model)
+    assert not lorafx.is_merged(model) and torch.equal(model(IDS).logits, unmerged)
+    merged = lorafx.merge_and_unload(model, dequantize=True)
+    w16 = tiny_llama(0)  # the weights nf4 was quantized from
+    assert type(merged) is type(nf4) and set(merged.state_dict()) == set(w16.state_dict())
+    assert not any("bitsandbytes" in type(m).__module__ or "lorafx" in type(m).__module__ for m in merged.modules())
+    for fqn, w in want.items():
+        layer = merged.get_submodule(fqn)
+        assert type(layer) is nn.Linear and not layer.weight.requires_grad and torch.equal(layer.weight, w), fqn
+        wrong = w16.get_submodule(fqn).weight + sites[fqn].adapters["default"].delta_weight()
+        assert (layer.weight - wrong).abs().max() > 1e-3, fqn  # W16 + ΔW differs by the 4-bit rounding (~8e-3)
+    assert_close(merged(IDS).logits, unmerged, **MERGED_LOGITS_FP32)
+
+
+def test_merge_and_unload_dequantize_on_torchao_and_after_requantize():
+    base = torchao_llama()
+    model = lorafx.apply(copy.deepcopy(base), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets="all-linear"))
+    unmerged = model(IDS).logits.detach()
+    merged = lorafx.merge_and_unload(model, dequantize=True)
+    q = merged.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and type(q.weight) is nn.Parameter
+    assert_close(merged(IDS).logits, unmerged, **MERGED_LOGITS_FP32)
+
+
+def test_merge_and_unload_dequantize_refuses_a_requantized_merge(nf4):
+    model = adapt(nf4, ["up_proj"])
+    lorafx.merge_requantized(model)
+    requantized = model.model.layers[0].mlp.up_proj
+    with pytest.raises(SpecError, match=r"merged by merge_requantized.*unmerge"):
+        lorafx.merge_and_unload(model, dequantize=True)
+    assert lorafx.is_merged(model) and model.model.layers[0].mlp.up_proj is requantized
+    out = lorafx.merge_and_unload(model)  # keeps the requantized modules
+    assert out.model.layers[0].mlp.up_proj is requantized
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_state_dict_keeps_every_bitsandbytes_entry_and_loads_as_bitsandbytes_does(llama_dir, kind):
+    """The attention projections are single-linear regions that hold the packed weight themselves; their
+    ``state_dict`` used to drop bitsandbytes' extra entries (4-bit quant state, 8-bit ``SCB``). Now every
+    base key is there with the same values, and a strict load reports what bitsandbytes reports unadapted
+    (int8: nothing; nf4: its quant-state entries, which only transformers' loader reads)."""
+    base = bnb_llama(llama_dir, kind)
+    want = base.state_dict()
+    model = adapt(base)
+    got = model.state_dict()
+    assert {k for k in got if ".lorafx." not in k} == set(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    plain = fresh(base).load_state_dict(want, strict=False)
+    other = adapt(base)
+    loaded = other.load_state_dict(got, strict=False)
+    assert sorted(loaded.unexpected_keys) == sorted(plain.unexpected_keys) and not loaded.missing_keys
+    assert torch.equal(other(IDS).logits, model(IDS).logits)
+
+
 def test_merge_requantized_reports_what_rounding_loses(nf4):
     model = adapt(nf4, ["q_proj", "up_proj"])
     unmerged = model(IDS).logits.detach()
@@ -189,10 +254,21 @@ def test_torchao_int8_weight_only_sites():
     unmerged = model(IDS).logits.detach()
     with pytest.raises(NotMergeableError, match="torchao-Int8Tensor"):
         lorafx.merge(model)
-    with pytest.raises(NotMergeableError, match="requantizing a torchao-Int8Tensor base is not implemented"):
-        lorafx.merge_requantized(model)
-    assert type(q.weight).__name__ == "Int8Tensor"  # the failed requantize left the model as it was
     aqt = q.weight
+    lost = lorafx.merge_requantized(model)  # Q(dequant(Wq) + ΔW) with Int8WeightOnlyConfig() again
+    assert len(lost) == 14 and all(0 < v < 1 for v in lost.values())
+    requant = q.weight
+    assert type(requant).__name__ == "Int8Tensor" and requant is not aqt
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    by_hand = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        by_hand.weight.copy_(dequantized_weight_of(aqt) + a.delta_weight())
+    quantize_(by_hand, Int8WeightOnlyConfig(set_inductor_config=False))
+    assert torch.equal(dequantized_weight_of(requant), dequantized_weight_of(by_hand.weight))
+    assert_close(model(IDS).logits, unmerged, **TORCHAO_INT8_REQUANT_LOGITS)
+    lorafx.unmerge(model)
+    assert q.weight is aqt
     lorafx.merge_dequantized(model)
     assert type(q.weight) is nn.Parameter and torch.equal(q.weight, dequantized_weight_of(aqt) + a.delta_weight())
     assert_close(model(IDS).logits, unmerged, **MERGED_LOGITS_FP32)

@@ -1,6 +1,6 @@
 """Give a region copy's quantized sites dense base weights, for passes that need a plain graph (ONNX).
 
-A bitsandbytes site calls ``quantized_lora_linear(x, lorafx.<key>, low)`` (its base is the module's
+A bitsandbytes site calls ``quantized_lora_linear(x, lorafx.<key>, low)`` (or its ``"ops"`` twin) (its base is the module's
 own forward, a bitsandbytes op that ONNX cannot express); a torchao site calls a site implementation
 with a tensor-subclass weight. In the copy, each becomes a registered site call
 ``lora_linear(x, W, b, low)`` with ``W = dequant(Wq)`` in the compute dtype (a non-persistent buffer of
@@ -15,13 +15,13 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from lorafx.canonical import is_site_call, lora_linear, quantized_lora_linear
+from lorafx.canonical import is_quantized_site_call, is_site_call, lora_linear
 from lorafx.passes.insert_adapters import copy_graph_module
 from lorafx.quantized import dense_linear, quantized_kind
 
 
 def _is_quantized_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is quantized_lora_linear:
+    if is_quantized_site_call(node):
         return True
     if is_site_call(node) and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
         w = getattr(gm.get_submodule(node.args[1].target.rpartition(".")[0]), node.args[1].target.rpartition(".")[2])
@@ -30,7 +30,7 @@ def _is_quantized_node(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _dense(new: fx.GraphModule, node: fx.Node) -> nn.Linear:
-    if node.target is quantized_lora_linear:
+    if is_quantized_site_call(node):
         base = new.get_submodule(node.args[1].target).base
         return base if quantized_kind(base) is None else dense_linear(base)  # merged: already dense
     owner = new.get_submodule(node.args[1].target.rpartition(".")[0])
@@ -49,7 +49,7 @@ def dequantize_sites(gm: fx.GraphModule) -> PassResult:
         new.register_buffer(weight, dense.weight.detach(), persistent=False)
         if dense.bias is not None:
             new.register_buffer(bias, dense.bias.detach(), persistent=False)
-        x, low = node.args[0], node.args[-1] if node.target is quantized_lora_linear else node.args[3]
+        x, low = node.args[0], node.args[-1] if is_quantized_site_call(node) else node.args[3]
         old = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
         with new.graph.inserting_before(node):
             w = new.graph.get_attr(weight)
