@@ -56,7 +56,9 @@ def main() -> None:
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     dense = tiny_llama(0)
     directory = save_tiny_llama(tempfile.mkdtemp())
-    print("| base | loss 0 → 20 | dequantize | requantize | requant error / ‖ΔW‖ (max) | W16 + ΔW | no adapter | bnb eval |")
+    print(
+        "| base | loss 0 → 20 | dequantize | requantize | requant error / ‖ΔW‖ (max) | W16 + ΔW | no adapter | bnb eval |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for kind in ("nf4-dq", "fp4", "int8"):
         base = bnb_llama(directory, kind)

@@ -131,6 +131,7 @@ class SiteAdapters(nn.Module):
         self.__dict__["_merged"] = None
         self.__dict__["_slot"] = None
         self.quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind)
+        self.kind = "linear"  # "linear" | "router" | "expert" (lorafx.moe: site is the expert tensor's FQN)
         self.__dict__["_base"] = None  # bitsandbytes: the module whose own forward computes the base term
 
     @property
@@ -149,6 +150,12 @@ class SiteAdapters(nn.Module):
         if self.__dict__.get("_base") is not None:
             self.__dict__["_base"].train(mode)
         return self
+
+    def weight_in(self, model: nn.Module) -> torch.Tensor:
+        """This site's base weight in ``model``: the owner's ``weight``, or the expert tensor itself."""
+        if self.kind == "expert":
+            return model.get_parameter(self.site)
+        return model.get_submodule(self.site).weight
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base term ``x Wᵀ + b`` computed by :attr:`base`'s own forward (its dequant-GEMM)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafx import state
+from lorafx import moe, state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
@@ -41,7 +41,10 @@ def _build_adapters(p: Plan) -> dict[str, Adapter]:
                 f"{site.in_features}] weight (BA could not have rank r); use r <= {limit} here (e.g. an override)"
             )
         try:
-            adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
+            if site.param:  # an expert tensor: one pair per expert (lorafx.moe)
+                adapter = moe.ExpertLoRAAdapter(site.config, site.num_experts, site.in_features, site.out_features, fqn)
+            else:
+                adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
         except ValueError as e:
             raise SpecError(f"site {fqn!r}: {e}") from None
         w = site.weight
@@ -127,6 +130,7 @@ def build(p: Plan) -> Prepared:
                 a, site = adapters[leader], p.sites[fqn]
                 sa = SiteAdapters(leader, a.in_features, a.out_features, site.fan_in_fan_out)
                 sa.quantized = site.quantized
+                sa.kind = "expert" if site.param else "router" if site.module_type == "Router" else "linear"
                 if needs_own_forward(site.module):
                     sa.set_base(site.module)
                 sa.train(a.training)

@@ -21,7 +21,7 @@ from lorafx.state import iter_sites
 
 
 def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
-    return model.get_submodule(sa.site).weight
+    return sa.weight_in(model)
 
 
 def _acc(w: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafx import state
+from lorafx import moe_peft, state
 from lorafx.adapter_files import load_prepared, read_safetensors
 from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
@@ -38,7 +38,6 @@ _UNSUPPORTED = {
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
-    "target_parameters": (None, []),
     "trainable_token_indices": (None, {}),
     "lora_bias": (False, None),
     "use_qalora": (False, None),
@@ -66,10 +65,15 @@ def read_peft_config(directory: Path) -> dict:
 
 def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
     """The lorafx spec that builds what PEFT would build from ``cfg`` on ``model``."""
-    targets = cfg.get("target_modules")
-    if targets is None:
+    targets, params = cfg.get("target_modules"), cfg.get("target_parameters") or []
+    if targets is None and not params:
         raise SpecError(f"{PEFT_CONFIG}: target_modules is null (PEFT's per-architecture defaults are not imported)")
-    targets = targets if isinstance(targets, str) else tuple(targets)
+    if params and isinstance(targets, str):
+        raise SpecError(
+            f"{PEFT_CONFIG}: a regex target_modules with target_parameters is not imported; list the modules"
+        )
+    targets = targets if isinstance(targets, str) else tuple(targets or ())
+    targets = targets if isinstance(targets, str) else targets + tuple(p.removesuffix(".weight") for p in params)
     exclude = cfg.get("exclude_modules") or ()
     exclude = exclude if isinstance(exclude, str) else tuple(exclude)
     base = LoRA(
@@ -83,11 +87,37 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
     sites = linear_sites(model)
     select(model, plain, sites)
     for fqn in [f for f, s in sites.items() if s.selected]:
-        r = _peft_pattern(cfg.get("rank_pattern") or {}, fqn) or base.r
-        alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, fqn) or base.alpha
+        key = moe_peft.pattern_key(fqn, _kind(sites[fqn]))
+        r = _peft_pattern(cfg.get("rank_pattern") or {}, key) or base.r
+        alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, key) or base.alpha
         if (r, alpha) != (base.r, base.alpha):
             overrides[re.escape(fqn)] = {"r": int(r), "alpha": float(alpha)}
     return Spec(base, targets=targets, exclude=exclude, overrides=overrides)
+
+
+def _kind(site) -> str:
+    return "expert" if site.param else "router" if site.module_type == "Router" else "linear"
+
+
+def _peft_tensors(raw: dict, plan, name: str, where: str) -> dict:
+    """PEFT's keys -> lorafx's ``<site>.lora_A``/``lora_B``, expert pairs converted to lorafx's layout."""
+    selected = plan.selected
+    by_path = {path: f for f, path in moe_peft.peft_paths({f: _kind(s) for f, s in selected.items()}).items()}
+    tensors = {}
+    for key, t in raw.items():
+        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
+        if not m:
+            tensors[key] = t
+            continue
+        fqn = by_path.get(m.group(1), m.group(1))
+        site = selected.get(fqn)
+        if site is not None and site.param:
+            E = site.num_experts
+            if t.dim() != 2 or t.shape[0 if m.group(2) == "lora_A" else 1] % E:
+                raise AdapterFileError(f"{where}: {key} {list(t.shape)} does not hold {E} experts' LoRA pairs")
+            t = moe_peft.from_peft_A(t, E) if m.group(2) == "lora_A" else moe_peft.from_peft_B(t, E)
+        tensors[f"{fqn}.{m.group(2)}"] = t
+    return tensors
 
 
 def from_peft(
@@ -113,13 +143,9 @@ def from_peft(
         raw = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
         raise AdapterFileError(f"{weights}: no such file (nor adapter_model.bin)")
-    tensors = {}
-    for key, t in raw.items():
-        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
-        tensors[f"{m.group(1)}.{m.group(2)}" if m else key] = t
     with state.model_lock(model):  # see lorafx.regions: traces and requests in flight
         prep = prepare(model, spec, name)
-        load_prepared(prep, tensors, str(weights), allow_nonfinite)
+        load_prepared(prep, _peft_tensors(raw, prep.plan, name, str(weights)), str(weights), allow_nonfinite)
         return commit(prep, activate)
 
 
@@ -154,11 +180,20 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
             raise SpecError(
                 f"to_peft: site {f!r} has rslora/dropout different from the rest; PEFT has one value per adapter"
             )
+    order = list(linear_sites(model))  # model order: PEFT nests one module's parameter wrappers in it
+    kinds = {f: sites[f].kind for f in sorted(sites, key=lambda f: order.index(f) if f in order else len(order))}
+    params = sorted(p for f, k in kinds.items() if (p := moe_peft.target_parameter(f, k)))
+    if params and base.dropout:
+        raise SpecError(f"to_peft: PEFT's target_parameters (MoE sites {params[:3]}) do not support lora_dropout")
+    paths = moe_peft.peft_paths(kinds)
     tensors = {}
     for f, sa in sites.items():
         a = sa.adapters[name]
-        tensors[f"{_PREFIX}{f}.lora_A.weight"] = a.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{f}.lora_B.weight"] = a.lora_B.detach().contiguous().cpu()
+        A, B = a.lora_A.detach(), a.lora_B.detach()
+        if sa.kind == "expert":
+            A, B = moe_peft.to_peft_pair(A, B)
+        tensors[f"{_PREFIX}{paths[f]}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{_PREFIX}{paths[f]}.lora_B.weight"] = B.contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -167,9 +202,12 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         "lora_alpha": base.alpha,
         "lora_dropout": base.dropout,
         "use_rslora": base.rslora,
-        "target_modules": sorted(sites),
-        "rank_pattern": {f: c.r for f, c in configs.items() if c.r != base.r},
-        "alpha_pattern": {f: c.alpha for f, c in configs.items() if c.alpha != base.alpha},
+        "target_modules": sorted(f for f, k in kinds.items() if not moe_peft.target_parameter(f, k)) or None,
+        "target_parameters": params or None,
+        "rank_pattern": {moe_peft.pattern_key(f, kinds[f]): c.r for f, c in configs.items() if c.r != base.r},
+        "alpha_pattern": {
+            moe_peft.pattern_key(f, kinds[f]): c.alpha for f, c in configs.items() if c.alpha != base.alpha
+        },
         "fan_in_fan_out": any(sa.fan_in_fan_out for sa in sites.values()),
         "bias": "none",
         "init_lora_weights": True,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafx import site_rules
+from lorafx import moe, site_rules
 from lorafx.adapter import SiteAdapters
 from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
@@ -48,6 +48,8 @@ class Site:
     tied_to: str | None = None  # the selected site whose adapter this one shares (one weight, two users)
     slow_path: str | None = None  # FQN of a TransformerEncoderLayer whose fast path must be turned off
     quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind), None = dense
+    param: str | None = None  # expert site (lorafx.moe): the 3-D tensor's name; fqn is its parameter FQN
+    num_experts: int | None = None  # expert sites: E of the [E, d_out, d_in] tensor
 
     @property
     def selected(self) -> bool:
@@ -55,8 +57,14 @@ class Site:
 
     @property
     def weight(self):
-        """The base weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` for Conv1D)."""
-        return self.module.weight
+        """The base weight as stored (``[d_out, d_in]``, ``[d_in, d_out]`` for Conv1D, ``[E, d_out, d_in]``
+        for an expert tensor)."""
+        return getattr(self.module, self.param) if self.param else self.module.weight
+
+    @property
+    def weight_fqn(self) -> str:
+        """The FQN of the base weight's parameter."""
+        return self.fqn if self.param else f"{self.fqn}.weight"
 
 
 @dataclass
@@ -89,18 +97,28 @@ def leaf_region_adapters(module: nn.Module) -> SiteAdapters | None:
 
 
 def linear_sites(model: nn.Module) -> dict[str, Site]:
-    """FQN -> :class:`Site` for every linear module (``nn.Linear``, Conv1D, or one already rewritten)."""
+    """FQN -> :class:`Site` for every linear module (``nn.Linear``, Conv1D, or one already rewritten),
+    MoE router and expert tensor (:mod:`lorafx.moe`)."""
     sites = {}
     for fqn, m in model.named_modules():
         sa = leaf_region_adapters(m)
+        for name, (e, d_out, d_in) in moe.expert_tensors(m).items():
+            key = f"{fqn}.{name}".strip(".")
+            sites[key] = Site(key, m, d_in, d_out, False, "Experts", param=name, num_experts=e)
         if sa is not None:
-            kind = "Conv1D" if sa.fan_in_fan_out else "Linear"
+            kind = "Router" if sa.kind == "router" else "Conv1D" if sa.fan_in_fan_out else "Linear"
             sites[fqn] = Site(fqn, m, sa.in_features, sa.out_features, sa.fan_in_fan_out, kind, quantized=sa.quantized)
         elif isinstance(m, nn.Linear):
             sites[fqn] = Site(fqn, m, m.in_features, m.out_features, False, "Linear")
         elif is_linear_module(m):
             d_in, d_out = m.weight.shape  # Conv1D stores [d_in, d_out]
             sites[fqn] = Site(fqn, m, int(d_in), int(d_out), True, "Conv1D")
+        else:
+            for name, child in m.named_children():
+                if moe.router_of(m, name, child):
+                    key = f"{fqn}.{name}".strip(".")
+                    d_out, d_in = child.weight.shape
+                    sites[key] = Site(key, child, int(d_in), int(d_out), False, "Router")
     return sites
 
 
@@ -153,6 +171,8 @@ def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
         site.rule = spec.match(fqn, is_output_head=fqn == head)
         if site.rule is not None:
             site.config, site.override = spec.config_for(fqn)
+            if site.param and site.rule == "all-linear" and site.override is None:
+                site.config = moe.all_linear_config(site.config, site.param)
     site_rules.apply_rules(model, sites)
     named = {fqn: s.refused for fqn, s in sites.items() if s.selected and s.refused and s.rule != "all-linear"}
     if named:
@@ -207,6 +227,9 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
             sites[fqn].region = region.fqn
             if fqn not in forms:  # a region lorafx made earlier: the site is its lora_linear call
                 sites[fqn].form = "call_function"
+    lost = [fqn for fqn, s in sites.items() if s.selected and s.region is None]
+    if lost:  # e.g. a router whose forward does not trace: never a silent no-op
+        raise SpecError(f"sites {lost[:4]} are selected but no traceable region holds their weight's call")
     return Plan(model, spec, name, sites, regions)
 
 

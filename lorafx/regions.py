@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lorafx.moe import expert_tensors, experts_graph
 from lorafx.passes.find_sites import find_sites, is_linear_module
 from lorafx.passes.insert_adapters import CONTAINER, has_hooks
 
@@ -131,6 +132,9 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
             regions.append(Region(prefix, module, module, [local(prefix, s) for s in pending], True))
             return
         wanted = [local(prefix, s) if s != prefix else "" for s in pending]
+        if expert_tensors(module):  # a MoE experts module: its region is the grouped form (lorafx.moe)
+            regions.append(Region(prefix, module, experts_graph(module), wanted))
+            return
         if is_linear_module(module) and not is_region(module):
             if prefix in pending:
                 regions.append(Region(prefix, module, _leaf_graph(module), [""]))
@@ -139,7 +143,9 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
         # rewritten): such a module is not a region, its children are tried (the hooked module itself
         # becomes a region that carries its hooks over).
         hooked = any(has_hooks(m) for m in list(module.modules())[1:])
-        gm = None if hooked else _trace(module)
+        # A module holding experts is never traced whole: tracing would bake their routing.
+        experts = any(expert_tensors(m) and not is_region(m) for m in module.modules())
+        gm = None if hooked or experts else _trace(module)
         if gm is not None and set(wanted) <= {s.fqn for s in find_sites(gm)}:
             regions.append(Region(prefix, module, gm, wanted))
             return

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lorafx.moe import is_expert_call
+
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 
 
@@ -114,6 +116,11 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> list[LinearSite]:
             site = _function_site(gm, node, prefix, "call_function")
             if site is not None:
                 sites.append(site)
+        elif (
+            is_expert_call(node) and node.args[1].op == "get_attr"
+        ):  # lorafx.moe's grouped form: the site is the expert tensor
+            E, d_out, d_in = gm.get_parameter(node.args[1].target).shape
+            sites.append(LinearSite(node, _join(prefix, node.args[1].target), "experts", d_in, d_out, False, "Experts"))
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
             site = _function_site(gm, node, prefix, "aten")
             if site is not None:

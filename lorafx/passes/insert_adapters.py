@@ -22,6 +22,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lorafx.adapter import SiteAdapters
 from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
+from lorafx.moe import expert_linear
 from lorafx.passes.find_sites import LinearSite, find_sites
 
 CONTAINER = "lorafx"
@@ -124,7 +125,11 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
         key = site_key(local)
         for site in found[local]:  # every call gets the adapter: the same SiteAdapters, lowered per call
             with new.graph.inserting_before(site.node):
-                if adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
+                if site.form == "experts":  # lorafx.moe: the grouped form takes the stacked adapter
+                    x, w, counts = site.node.args[:3]
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = new.graph.call_function(expert_linear, (x, w, counts, low))
+                elif adapters.base is not None:  # quantized (bitsandbytes): the base is the module's forward
                     x = site.node.args[0]
                     sites_node = new.graph.get_attr(f"{CONTAINER}.{key}")
                     low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
