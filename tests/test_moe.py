@@ -16,7 +16,8 @@ from tolerances import MERGED_LOGITS_FP32, UNMERGED_WEIGHT_FP32, assert_close
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import lorafx
-from lorafx.errors import SpecError
+from lorafx.errors import ExportError, SpecError
+from lorafx.export import to_onnx
 from lorafx.kernels.grouped_linear import grouped_linear
 from lorafx.moe_peft import peft_paths, to_peft_pair
 
@@ -236,3 +237,12 @@ def test_grouped_linear_matches_a_loop_over_groups_with_an_empty_group():
     for a, b in zip(got, want, strict=True):
         assert_close(a, b)
     torch.library.opcheck(torch.ops.lorafx.grouped_linear.default, (x, W, counts))
+
+
+def test_onnx_export_refuses_expert_sites_by_name(tmp_path):
+    model = lorafx.apply(tiny_mixtral(layers=1), lorafx.Spec(lorafx.LoRA(r=4), targets=["down_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ExportError, match=r"model.layers.0.mlp.experts.down_proj.*do not export"):
+        to_onnx(model, (IDS,), tmp_path / "out", mode="unmerged")
+    assert_unchanged(before, model)
+    assert not (tmp_path / "out").exists()
