@@ -26,6 +26,7 @@ from lorafx.apply import commit, prepare
 from lorafx.errors import AdapterFileError, SpecError
 from lorafx.files import read_json_object, resolve_dir, write_together
 from lorafx.plan import linear_sites, select
+from lorafx.saved_modules import TASK_HEADS, iter_saved
 from lorafx.spec import Spec
 from lorafx.variants.lora import LoRA
 
@@ -36,7 +37,6 @@ _PREFIX = "base_model.model."
 _UNSUPPORTED = {
     "use_dora": (False, None),
     "bias": ("none", None),
-    "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
     "trainable_token_indices": (None, {}),
     "lora_bias": (False, None),
@@ -82,7 +82,11 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
         dropout=float(cfg.get("lora_dropout", 0.0)),
         rslora=bool(cfg.get("use_rslora", False)),
     )
-    plain = Spec(base, targets=targets, exclude=exclude)
+    saved = tuple(cfg.get("modules_to_save") or ())
+    task = "seq_cls" if cfg.get("task_type") == "SEQ_CLS" else None
+    if task:  # PEFT's SEQ_CLS lists both head names, whichever the model has: lorafx's task says the same
+        saved = tuple(s for s in saved if s not in TASK_HEADS[task])
+    plain = Spec(base, targets=targets, exclude=exclude, modules_to_save=saved, task=task)
     overrides = {}
     sites = linear_sites(model)
     select(model, plain, sites)
@@ -92,7 +96,7 @@ def spec_from_peft_config(model: nn.Module, cfg: dict) -> Spec:
         alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, key) or base.alpha
         if (r, alpha) != (base.r, base.alpha):
             overrides[re.escape(fqn)] = {"r": int(r), "alpha": float(alpha)}
-    return Spec(base, targets=targets, exclude=exclude, overrides=overrides)
+    return Spec(base, targets=targets, exclude=exclude, overrides=overrides, modules_to_save=saved, task=task)
 
 
 def _kind(site) -> str:
@@ -106,8 +110,8 @@ def _peft_tensors(raw: dict, plan, name: str, where: str) -> dict:
     tensors = {}
     for key, t in raw.items():
         m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.(lora_[AB])(?:\.{re.escape(name)}|\.default)?\.weight", key)
-        if not m:
-            tensors[key] = t
+        if not m:  # a modules_to_save tensor (base_model.model.classifier.weight), or a key load reports
+            tensors[key.removeprefix(_PREFIX)] = t
             continue
         fqn = by_path.get(m.group(1), m.group(1))
         site = selected.get(fqn)
@@ -194,9 +198,12 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
             A, B = moe_peft.to_peft_pair(A, B)
         tensors[f"{_PREFIX}{paths[f]}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{_PREFIX}{paths[f]}.lora_B.weight"] = B.contiguous().cpu()
+    saved = {f: s.copies[name] for f, s in iter_saved(model).items() if name in s.copies}
+    for f, twin in saved.items():  # modules_to_save: PEFT keys them without its wrapper's prefix
+        tensors.update({f"{_PREFIX}{f}.{k}": t.detach().contiguous().cpu() for k, t in twin.state_dict().items()})
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": "SEQ_CLS" if data.specs[name].task == "seq_cls" else None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": base.r,
         "lora_alpha": base.alpha,
@@ -212,7 +219,7 @@ def to_peft(model: nn.Module, directory: str | Path, name: str | None = None) ->
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved) or None,
         "use_dora": False,
     }
     directory = resolve_dir(directory, AdapterFileError, create=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafx import moe, site_rules
+from lorafx import moe, saved_modules, site_rules
 from lorafx.adapter import SiteAdapters
 from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
@@ -76,6 +76,7 @@ class Plan:
     name: str
     sites: dict[str, Site]  # every linear site, in model order
     regions: list[Region] = field(default_factory=list)  # regions holding the selected sites
+    saved: dict[str, nn.Module] = field(default_factory=dict)  # modules_to_save: FQN -> module (lorafx.saved_modules)
 
     @property
     def selected(self) -> dict[str, Site]:
@@ -162,13 +163,22 @@ def output_head(model: nn.Module) -> str | None:
     return next((fqn for fqn, m in model.named_modules() if m is head), None)
 
 
-def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
+def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> dict[str, nn.Module]:
     """Mark the sites ``spec`` selects (rule, config, override), in place, applying the site rules of
-    :mod:`lorafx.site_rules`. Raises :class:`SpecError` naming the target entries or overrides that
-    match nothing, and the sites a target names that cannot be adapted (with the reason)."""
+    :mod:`lorafx.site_rules`; return the modules it saves whole (``modules_to_save``). Raises
+    :class:`SpecError` naming the target entries or overrides that match nothing, and the sites a
+    target names that cannot be adapted (with the reason)."""
     head = output_head(model)
+    saved = saved_modules.plan_saved(model, spec)
     for fqn, site in sites.items():
         site.rule = spec.match(fqn, is_output_head=fqn == head)
+        holder = saved_modules.covered(fqn, saved)
+        if holder and site.rule == "all-linear":  # a saved module is trained whole, never adapted inside
+            site.rule = None
+        elif holder and site.rule:
+            raise SpecError(
+                f"site {fqn!r} is inside {holder!r}, which modules_to_save trains whole; target one or the other"
+            )
         if site.rule is not None:
             site.config, site.override = spec.config_for(fqn)
             if site.param and site.rule == "all-linear" and site.override is None:
@@ -193,6 +203,7 @@ def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
     dead = spec.dead_entries(names, {fqn: sites[fqn].override for fqn in chosen})
     if dead:
         raise SpecError(f"spec entries that would do nothing: {'; '.join(dead)}{_closest(spec, names, [])}")
+    return saved
 
 
 def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
@@ -205,7 +216,7 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
         raise SpecError(f"apply() takes a lorafx.Spec, got {type(spec).__name__}")
     refuse_wrapped(model)
     sites = linear_sites(model)
-    select(model, spec, sites)
+    saved = select(model, spec, sites)
     regions = plan_regions(model, [fqn for fqn, s in sites.items() if s.selected])
     for region in regions:
         found = find_sites(region.graph_module, region.fqn)
@@ -230,7 +241,7 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
     lost = [fqn for fqn, s in sites.items() if s.selected and s.region is None]
     if lost:  # e.g. a router whose forward does not trace: never a silent no-op
         raise SpecError(f"sites {lost[:4]} are selected but no traceable region holds their weight's call")
-    return Plan(model, spec, name, sites, regions)
+    return Plan(model, spec, name, sites, regions, saved)
 
 
 def _describe(targets) -> str:

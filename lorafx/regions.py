@@ -25,6 +25,7 @@ from torch import fx, nn
 from lorafx.moe import expert_tensors, experts_graph
 from lorafx.passes.find_sites import find_sites, is_linear_module
 from lorafx.passes.insert_adapters import CONTAINER, has_hooks
+from lorafx.saved_modules import SavedModule
 
 
 @dataclass
@@ -42,7 +43,7 @@ class _Tracer(fx.Tracer):
     """Keeps lorafx regions and transformers' Conv1D opaque, like torch.nn leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_region(m) or is_linear_module(m) or super().is_leaf_module(m, qualname)
+        return is_region(m) or is_linear_module(m) or isinstance(m, SavedModule) or super().is_leaf_module(m, qualname)
 
 
 def is_region(module: nn.Module) -> bool:
