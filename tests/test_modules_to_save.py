@@ -9,7 +9,7 @@ import pytest
 import torch
 from model_state import assert_unchanged, snapshot
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from tolerances import MERGED_LOGITS_FP32, assert_close
+from tolerances import MERGED_LOGITS_FP32, ONNX_FP32, assert_close
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 import lorafx
@@ -146,3 +146,28 @@ def test_spec_round_trips_modules_to_save_and_task():
     assert lorafx.Spec.from_json(spec.to_json()) == spec
     plain = lorafx.Spec(lorafx.LoRA(r=4), targets=["query"])
     assert "modules_to_save" not in plain.to_dict() and "task" not in plain.to_dict()  # old files unchanged
+
+
+def test_compile_and_merged_onnx_export_run_the_saved_head(tmp_path):
+    import onnxruntime as ort
+
+    from lorafx.errors import ExportError
+    from lorafx.export import to_onnx
+
+    model = lorafx.apply(
+        tiny_bert_cls(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["query"], task="seq_cls")
+    )
+    with torch.no_grad():
+        model.classifier.copies["default"].weight.add_(1.0)
+        eager = model(IDS).logits
+        torch._dynamo.reset()
+        assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(IDS).logits, eager)
+        torch._dynamo.reset()
+    before = snapshot(model)
+    with pytest.raises(ExportError, match=r"modules_to_save \['classifier'\]: mode 'unmerged'"):
+        to_onnx(model, {"input_ids": IDS}, tmp_path / "u", mode="unmerged")
+    assert_unchanged(before, model)
+    result = to_onnx(model, {"input_ids": IDS}, tmp_path / "m", mode="merged")
+    session = ort.InferenceSession(str(result.onnx_path))
+    (logits, *_) = session.run(None, {"input_ids": IDS.numpy()})
+    assert_close(torch.from_numpy(logits), eager, **ONNX_FP32)

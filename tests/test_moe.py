@@ -170,6 +170,8 @@ def test_adapter_files_round_trip_and_second_adapter_on_the_experts(tmp_path):
     model = lorafx.apply(copy.deepcopy(base), lorafx.Spec(lorafx.LoRA(r=4), targets=["down_proj"]), "a")
     model = lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=2), targets=["gate_up_proj", "gate"]), "b")
     _randomize_named(model, "a", 1), _randomize_named(model, "b", 2)
+    gate_up = lorafx.iter_sites(model)["model.layers.0.mlp.experts.gate_up_proj"].adapters["b"]
+    assert gate_up.lora_A.shape == (8, 2, 32)  # an explicit target keeps the spec's r (no fused doubling)
     lorafx.save_adapter(model, tmp_path, name="b")
     fresh = lorafx.load_adapter(copy.deepcopy(base), tmp_path)
     lorafx.set_adapter(model, "b")
@@ -246,3 +248,11 @@ def test_onnx_export_refuses_expert_sites_by_name(tmp_path):
         to_onnx(model, (IDS,), tmp_path / "out", mode="unmerged")
     assert_unchanged(before, model)
     assert not (tmp_path / "out").exists()
+
+
+def test_to_peft_refuses_dropout_on_expert_sites_which_peft_cannot_load(tmp_path):
+    model = lorafx.apply(tiny_mixtral(layers=1), lorafx.Spec(lorafx.LoRA(r=4, dropout=0.1), targets=["down_proj"]))
+    model.train()
+    assert model(IDS).logits.isfinite().all()  # dropout of each routed token's adapter input works here
+    with pytest.raises(SpecError, match=r"target_parameters .*experts.down_proj.* do not support lora_dropout"):
+        lorafx.to_peft(model, tmp_path)
