@@ -14,7 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import lorafx
 from lorafx.cli.models import tiny_llama
-from lorafx.errors import SpecError
+from lorafx.errors import ExportError, SpecError
+from lorafx.export import to_onnx
 
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
 
@@ -148,17 +149,17 @@ def test_spec_round_trips_modules_to_save_and_task():
     assert "modules_to_save" not in plain.to_dict() and "task" not in plain.to_dict()  # old files unchanged
 
 
-def test_compile_and_merged_onnx_export_run_the_saved_head(tmp_path):
-    import onnxruntime as ort
-
-    from lorafx.errors import ExportError
-    from lorafx.export import to_onnx
-
-    model = lorafx.apply(
-        tiny_bert_cls(), lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["query"], task="seq_cls")
-    )
+def _trained_head_model():
+    spec = lorafx.Spec(lorafx.LoRA(r=4, init="random"), targets=["query"], task="seq_cls")
+    model = lorafx.apply(tiny_bert_cls(), spec)
     with torch.no_grad():
         model.classifier.copies["default"].weight.add_(1.0)
+    return model
+
+
+def test_compile_runs_the_saved_head_and_unmerged_export_is_refused(tmp_path):
+    model = _trained_head_model()
+    with torch.no_grad():
         eager = model(IDS).logits
         torch._dynamo.reset()
         assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(IDS).logits, eager)
@@ -167,6 +168,15 @@ def test_compile_and_merged_onnx_export_run_the_saved_head(tmp_path):
     with pytest.raises(ExportError, match=r"modules_to_save \['classifier'\]: mode 'unmerged'"):
         to_onnx(model, {"input_ids": IDS}, tmp_path / "u", mode="unmerged")
     assert_unchanged(before, model)
+
+
+@pytest.mark.slow
+def test_merged_onnx_export_runs_the_saved_head(tmp_path):
+    import onnxruntime as ort
+
+    model = _trained_head_model()
+    with torch.no_grad():
+        eager = model(IDS).logits
     result = to_onnx(model, {"input_ids": IDS}, tmp_path / "m", mode="merged")
     session = ort.InferenceSession(str(result.onnx_path))
     (logits, *_) = session.run(None, {"input_ids": IDS.numpy()})
