@@ -224,16 +224,17 @@ def test_an_experts_forward_that_differs_from_the_grouped_form_is_refused():
         lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=4), targets=["down_proj"]))
 
 
-def test_grouped_linear_matches_a_loop_over_groups_with_an_empty_group():
+@pytest.mark.parametrize("d_in, d_out", [(5, 3), (8, 12)], ids=["odd-loop", "aligned-grouped_mm"])
+def test_grouped_linear_matches_a_loop_over_groups_with_an_empty_group(d_in, d_out):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 5, generator=g, requires_grad=True)
-    W = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    x = torch.randn(9, d_in, generator=g, requires_grad=True)
+    W = torch.randn(4, d_out, d_in, generator=g, requires_grad=True)
     counts = torch.tensor([2, 0, 6, 1])
     y = grouped_linear(x, W, counts)
     groups = torch.repeat_interleave(torch.arange(4), counts)
     ref = torch.stack([x[t] @ W[groups[t]].t() for t in range(9)])
     assert_close(y, ref)
-    dy = torch.randn(9, 3, generator=g)
+    dy = torch.randn(9, d_out, generator=g)
     got = torch.autograd.grad(y, (x, W), dy)
     want = torch.autograd.grad(ref, (x, W), dy)
     for a, b in zip(got, want, strict=True):
