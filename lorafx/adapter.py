@@ -135,7 +135,7 @@ class SiteAdapters(nn.Module):
         self.__dict__["_merged"] = None
         self.__dict__["_slot"] = None
         self.quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind)
-        self.kind = "linear"  # "linear" | "conv" | "embedding" (lorafx.site_kinds)
+        self.kind = "linear"  # "linear" | "conv" | "embedding" | "mha" | "mha_out" (lorafx.site_kinds), "router" | "expert" (lorafx.moe: site is the expert tensor's FQN)
         self.weight_shape: tuple[int, ...] | None = None  # a conv's kernel shape, which ΔW [d_out, d_in] folds into
         self.weight_name = "weight"  # the site module's weight attribute ("in_proj_weight" for MultiheadAttention)
         self.__dict__["_base"] = None  # bitsandbytes: the module whose own forward computes the base term
@@ -170,6 +170,12 @@ class SiteAdapters(nn.Module):
             from lorafx.quantized import load_base_state
 
             load_base_state(self, state_dict, prefix, local_metadata, strict, unexpected, errors)
+
+    def weight_in(self, model: nn.Module) -> torch.Tensor:
+        """This site's base weight in ``model``: the owner's weight attribute, or the expert tensor itself."""
+        if self.kind == "expert":
+            return model.get_parameter(self.site)
+        return getattr(model.get_submodule(self.site), self.weight_name)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base term ``x Wᵀ + b`` computed by :attr:`base`'s own forward (its dequant-GEMM)."""

@@ -25,6 +25,7 @@ from lorafx.apply import Prepared, commit, prepare
 from lorafx.errors import AdapterFileError
 from lorafx.files import read_consistent, read_json_object, resolve_dir, write_together
 from lorafx.plan import linear_sites
+from lorafx.saved_modules import iter_saved
 from lorafx.spec import Spec
 
 WEIGHTS = "lorafx_adapter.safetensors"
@@ -50,6 +51,9 @@ def _modules_of(model: nn.Module, name: str) -> dict[str, nn.Module]:
     mods = {sa.site: sa.adapters[name] for sa in state.iter_sites(model).values() if name in sa.adapters}
     for key, m in state.shared_modules(model, name).items():
         mods[f"{state.SHARED}.{state.split_shared_key(key)[1]}"] = m
+    for fqn, saved in iter_saved(model).items():  # modules_to_save: the copy under the module's FQN
+        if name in saved.copies:
+            mods[fqn] = saved.copies[name]
     return mods
 
 
@@ -81,7 +85,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if sharded and torch.distributed.get_rank() != 0:
         return Path(directory).expanduser()
     directory = resolve_dir(directory, AdapterFileError, create=True)
-    sites = [k for k in modules if not k.startswith(f"{state.SHARED}.")]
+    sites = [k for k, m in modules.items() if isinstance(m, Adapter)]  # not shared state nor modules_to_save
     save_id = uuid.uuid4().hex  # in both files: a reader can tell whether they come from one save
     meta = {
         "format": "lorafx.adapter",

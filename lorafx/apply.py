@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,13 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafx import site_kinds, state
+from lorafx import moe, site_kinds, state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
 from lorafx.plan import Plan, output_head, plan
 from lorafx.quantized import compute_dtype, needs_own_forward
 from lorafx.regions import is_region
+from lorafx.saved_modules import SavedModule, frozen_head, iter_saved
 from lorafx.spec import Spec
 
 
@@ -41,7 +44,10 @@ def _build_adapters(p: Plan) -> dict[str, Adapter]:
                 f"{site.in_features}] weight (BA could not have rank r); use r <= {limit} here (e.g. an override)"
             )
         try:
-            adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
+            if site.param:  # an expert tensor: one pair per expert (lorafx.moe)
+                adapter = moe.ExpertLoRAAdapter(site.config, site.num_experts, site.in_features, site.out_features, fqn)
+            else:
+                adapter = site.config.make_adapter(site.in_features, site.out_features, fqn)
         except ValueError as e:
             raise SpecError(f"site {fqn!r}: {e}") from None
         w = site.weight
@@ -79,6 +85,8 @@ class Prepared:
     shared: dict[str, nn.Module]  # lorafx_shared key -> module
     new_regions: list[tuple[str, nn.Module]]
     additions: list[tuple[SiteAdapters, Adapter]]
+    saved: dict[str, nn.Module] = dataclasses.field(default_factory=dict)  # modules_to_save FQN -> this adapter's copy
+    new_saved: list[tuple[str, nn.Module]] = dataclasses.field(default_factory=list)  # SavedModules to swap in
 
     @property
     def model(self) -> nn.Module:
@@ -96,7 +104,7 @@ class Prepared:
         """Adapter-file prefix -> module, the layout :mod:`lorafx.adapter_files` saves and loads."""
         # files drop the adapter name from shared keys, so a file loads under any name
         shared = {f"{state.SHARED}.{state.split_shared_key(k)[1]}": m for k, m in self.shared.items()}
-        return {**self.adapters, **shared}
+        return {**self.adapters, **shared, **self.saved}
 
 
 def check_name(model: nn.Module, name: str) -> None:
@@ -129,7 +137,7 @@ def build(p: Plan) -> Prepared:
                 a, site = adapters[leader], p.sites[fqn]
                 sa = SiteAdapters(leader, a.in_features, a.out_features, site.fan_in_fan_out)
                 sa.quantized = site.quantized
-                sa.kind = site.kind
+                sa.kind = site.adapter_kind
                 sa.weight_shape = tuple(site.weight.shape) if site.kind == site_kinds.CONV else None
                 sa.weight_name = site.weight_name
                 if site.kind == site_kinds.MHA:  # lora_mha calls the module itself, on adapted weights
@@ -145,7 +153,29 @@ def build(p: Plan) -> Prepared:
             gm = insert_adapters(region.graph_module, fresh, region.fqn).graph_module
             carry_hooks(region.module, gm)  # the traced copy has none; the user's module may
             new_regions.append((region.fqn, gm))
-    return Prepared(p, adapters, shared, new_regions, additions)
+    saved, new_saved = _build_saved(p)
+    return Prepared(p, adapters, shared, new_regions, additions, saved, new_saved)
+
+
+def _build_saved(p: Plan) -> tuple[dict[str, nn.Module], list[tuple[str, nn.Module]]]:
+    """This adapter's trainable copy of each ``modules_to_save`` module, and the :class:`SavedModule`
+    wrappers to swap in where the model has none yet."""
+    copies, new = {}, []
+    for fqn in p.saved:
+        current = p.model.get_submodule(fqn)
+        holder = current if isinstance(current, SavedModule) else SavedModule(current, fqn)
+        copies[fqn] = holder.add(p.name)
+        if holder is not current:
+            new.append((fqn, holder))
+    head = frozen_head(p.model, p.saved, p.selected)
+    if head is not None:
+        warnings.warn(
+            f"{type(p.model).__name__}.{head} (the classification head, freshly initialised) stays frozen under "
+            f"adapter {p.name!r} and will not learn; pass Spec(..., task='seq_cls') or modules_to_save=[{head!r}] "
+            "to train and save it (PEFT's SEQ_CLS task does this)",
+            stacklevel=3,
+        )
+    return copies, new
 
 
 def prepare(model: nn.Module, spec: Spec, name: str = "default") -> Prepared:
@@ -202,6 +232,7 @@ def _restorer(model: nn.Module) -> Callable[[], None]:
     """A function that puts back what :func:`_commit` may change besides the modules it swaps."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     actives = [(sa, sa.active) for sa in state.iter_sites(model).values()]
+    actives += [(s, s.active) for s in iter_saved(model).values()]
     data = state.find(model)
     specs, active = (dict(data.specs), data.active) if data is not None else (None, None)
     shared = getattr(model, state.SHARED, None)
@@ -236,6 +267,11 @@ def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
     for sa, adapter in prep.additions:
         undo.append(lambda sa=sa: sa.adapters.pop(name) if name in sa.adapters else None)
         sa.adapters[name] = adapter
+    swap_regions(root, prep.new_saved, undo)
+    for fqn, twin in prep.saved.items():
+        holder = root.get_submodule(fqn)
+        undo.append(lambda h=holder: h.copies.pop(name) if name in h.copies else None)
+        holder.copies[name] = twin
     state.put(root, data)
     data.specs[name] = prep.spec
     if prep.shared:

@@ -213,7 +213,7 @@ def _attach_missing(model: nn.Module) -> None:
     for sa in iter_sites(model).values():
         for adapter in sa.adapters.values():
             if adapter.needs_attach:
-                weight = model.get_submodule(sa.site).weight  # as merge reads it
+                weight = sa.weight_in(model)  # as merge reads it
                 adapter.attach(weight.t() if sa.fan_in_fan_out else weight, force=True)
 
 

@@ -21,7 +21,7 @@ from lorafx.state import iter_sites
 
 
 def _weight(model: nn.Module, sa: SiteAdapters) -> torch.Tensor:
-    return getattr(model.get_submodule(sa.site), sa.weight_name)
+    return sa.weight_in(model)
 
 
 def _acc(w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafx import site_kinds, site_rules
+from lorafx import moe, saved_modules, site_kinds, site_rules
 from lorafx.adapter import SiteAdapters
 from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
@@ -48,7 +48,9 @@ class Site:
     tied_to: str | None = None  # the selected site whose adapter this one shares (one weight, two users)
     slow_path: str | None = None  # FQN of a TransformerEncoderLayer whose fast path must be turned off
     quantized: str | None = None  # kind of quantized base (lorafx.quantized.quantized_kind), None = dense
-    kind: str = site_kinds.LINEAR  # "linear" | "conv" | "embedding" (lorafx.site_kinds)
+    kind: str = site_kinds.LINEAR  # "linear" | "conv" | "embedding" | "mha" | "mha_out" (lorafx.site_kinds)
+    param: str | None = None  # expert site (lorafx.moe): the 3-D tensor's name; fqn is its parameter FQN
+    num_experts: int | None = None  # expert sites: E of the [E, d_out, d_in] tensor
 
     @property
     def selected(self) -> bool:
@@ -61,8 +63,20 @@ class Site:
 
     @property
     def weight(self):
-        """The base weight as stored (``[d_out, d_in]``, or ``[d_in, d_out]`` for Conv1D)."""
-        return getattr(self.module, self.weight_name)
+        """The base weight as stored (``[d_out, d_in]``, ``[d_in, d_out]`` for Conv1D, ``[E, d_out, d_in]``
+        for an expert tensor)."""
+        return getattr(self.module, self.param) if self.param else getattr(self.module, self.weight_name)
+
+    @property
+    def weight_fqn(self) -> str:
+        """The FQN of the base weight's parameter."""
+        return self.fqn if self.param else f"{self.fqn}.{self.weight_name}"
+
+    @property
+    def adapter_kind(self) -> str:
+        """What the site's :class:`SiteAdapters` records as its ``kind``: ``"expert"`` and ``"router"``
+        (lorafx.moe), else the site kind (lorafx.site_kinds)."""
+        return "expert" if self.param else "router" if self.module_type == "Router" else self.kind
 
 
 @dataclass
@@ -74,6 +88,7 @@ class Plan:
     name: str
     sites: dict[str, Site]  # every linear site, in model order
     regions: list[Region] = field(default_factory=list)  # regions holding the selected sites
+    saved: dict[str, nn.Module] = field(default_factory=dict)  # modules_to_save: FQN -> module (lorafx.saved_modules)
 
     @property
     def selected(self) -> dict[str, Site]:
@@ -95,16 +110,25 @@ def leaf_region_adapters(module: nn.Module) -> SiteAdapters | None:
 
 
 def linear_sites(model: nn.Module) -> dict[str, Site]:
-    """FQN -> :class:`Site` for every linear module (``nn.Linear``, Conv1D, or one already rewritten)."""
+    """FQN -> :class:`Site` for every linear module (``nn.Linear``, Conv1D, or one already rewritten),
+    MoE router and expert tensor (:mod:`lorafx.moe`)."""
     sites = {}
     parents = dict(model.named_modules())
     for fqn, m in model.named_modules():
         sa = leaf_region_adapters(m)
+        for name, (e, d_out, d_in) in moe.expert_tensors(m).items():
+            key = f"{fqn}.{name}".strip(".")
+            sites[key] = Site(key, m, d_in, d_out, False, "Experts", param=name, num_experts=e)
         if sa is not None:
-            kind = {site_kinds.CONV: "Conv", site_kinds.EMBEDDING: "Embedding"}.get(sa.kind)
+            kind = (
+                "Router"
+                if sa.kind == "router"
+                else {site_kinds.CONV: "Conv", site_kinds.EMBEDDING: "Embedding"}.get(sa.kind)
+            )
             kind = kind or ("Conv1D" if sa.fan_in_fan_out else "Linear")
             sites[fqn] = Site(fqn, m, sa.in_features, sa.out_features, sa.fan_in_fan_out, kind, quantized=sa.quantized)
-            sites[fqn].kind = sa.kind
+            if sa.kind not in ("router", "expert"):  # lorafx.moe's kinds are linear sites of their own
+                sites[fqn].kind = sa.kind
         elif isinstance(m, nn.Linear):
             sites[fqn] = Site(fqn, m, m.in_features, m.out_features, False, "Linear")
             parent = parents.get(fqn.rpartition(".")[0])
@@ -120,6 +144,12 @@ def linear_sites(model: nn.Module) -> dict[str, Site]:
             kind = site_kinds.kind_of(m)
             d_in, d_out = site_kinds.features(m)
             sites[fqn] = Site(fqn, m, d_in, d_out, kind == site_kinds.EMBEDDING, type(m).__name__, kind=kind)
+        else:
+            for name, child in m.named_children():
+                if moe.router_of(m, name, child):
+                    key = f"{fqn}.{name}".strip(".")
+                    d_out, d_in = child.weight.shape
+                    sites[key] = Site(key, child, int(d_in), int(d_out), False, "Router")
     return sites
 
 
@@ -163,17 +193,28 @@ def output_head(model: nn.Module) -> str | None:
     return next((fqn for fqn, m in model.named_modules() if m is head), None)
 
 
-def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
+def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> dict[str, nn.Module]:
     """Mark the sites ``spec`` selects (rule, config, override), in place, applying the site rules of
-    :mod:`lorafx.site_rules`. Raises :class:`SpecError` naming the target entries or overrides that
-    match nothing, and the sites a target names that cannot be adapted (with the reason)."""
+    :mod:`lorafx.site_rules`; return the modules it saves whole (``modules_to_save``). Raises
+    :class:`SpecError` naming the target entries or overrides that match nothing, and the sites a
+    target names that cannot be adapted (with the reason)."""
     head = output_head(model)
+    saved = saved_modules.plan_saved(model, spec)
     for fqn, site in sites.items():
         site.rule = spec.match(fqn, is_output_head=fqn == head)
+        holder = saved_modules.covered(fqn, saved)
+        if holder and site.rule == "all-linear":  # a saved module is trained whole, never adapted inside
+            site.rule = None
+        elif holder and site.rule:
+            raise SpecError(
+                f"site {fqn!r} is inside {holder!r}, which modules_to_save trains whole; target one or the other"
+            )
         if site.rule == "all-linear" and site.kind != site_kinds.LINEAR:
             site.rule = None  # PEFT's "all-linear" too: nn.Linear and Conv1D only, never a conv or an embedding
         if site.rule is not None:
             site.config, site.override = spec.config_for(fqn)
+            if site.param and site.rule == "all-linear" and site.override is None:
+                site.config = moe.all_linear_config(site.config, site.param)
     for fqn, site in sites.items():  # PEFT adapts a MultiheadAttention's in_proj and out_proj together
         out = sites.get(f"{fqn}.out_proj")
         if site.kind == site_kinds.MHA and site.selected and out is not None and not out.selected:
@@ -198,6 +239,7 @@ def select(model: nn.Module, spec: Spec, sites: dict[str, Site]) -> None:
     dead = spec.dead_entries(names, {fqn: sites[fqn].override for fqn in chosen})
     if dead:
         raise SpecError(f"spec entries that would do nothing: {'; '.join(dead)}{_closest(spec, names, [])}")
+    return saved
 
 
 def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
@@ -210,7 +252,7 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
         raise SpecError(f"apply() takes a lorafx.Spec, got {type(spec).__name__}")
     refuse_wrapped(model)
     sites = linear_sites(model)
-    select(model, spec, sites)
+    saved = select(model, spec, sites)
     regions = plan_regions(model, [fqn for fqn, s in sites.items() if s.selected])
     for region in regions:
         found = find_sites(region.graph_module, region.fqn)
@@ -232,7 +274,10 @@ def plan(model: nn.Module, spec: Spec, name: str = "default") -> Plan:
             sites[fqn].region = region.fqn
             if fqn not in forms:  # a region lorafx made earlier: the site is its lora_linear call
                 sites[fqn].form = "call_function"
-    return Plan(model, spec, name, sites, regions)
+    lost = [fqn for fqn, s in sites.items() if s.selected and s.region is None]
+    if lost:  # e.g. a router whose forward does not trace: never a silent no-op
+        raise SpecError(f"sites {lost[:4]} are selected but no traceable region holds their weight's call")
+    return Plan(model, spec, name, sites, regions, saved)
 
 
 def _describe(targets) -> str:

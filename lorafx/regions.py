@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lorafx import site_kinds
+from lorafx.moe import expert_tensors, experts_graph
 from lorafx.passes.find_sites import find_sites, is_site_module
 from lorafx.passes.insert_adapters import CARRIED_ATTRS, CONTAINER, has_hooks
+from lorafx.saved_modules import SavedModule
 
 
 @dataclass
@@ -42,7 +44,7 @@ class _Tracer(fx.Tracer):
     """Keeps lorafx regions and transformers' Conv1D opaque, like torch.nn leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_region(m) or is_site_module(m) or super().is_leaf_module(m, qualname)
+        return is_region(m) or is_site_module(m) or isinstance(m, SavedModule) or super().is_leaf_module(m, qualname)
 
 
 def is_region(module: nn.Module) -> bool:
@@ -165,6 +167,9 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
             regions.append(Region(prefix, module, module, [local(prefix, s) for s in pending], True))
             return
         wanted = [local(prefix, s) if s != prefix else "" for s in pending]
+        if expert_tensors(module):  # a MoE experts module: its region is the grouped form (lorafx.moe)
+            regions.append(Region(prefix, module, experts_graph(module), wanted))
+            return
         if is_site_module(module) and not is_region(module):
             if prefix in pending:  # a MultiheadAttention's region holds its out_proj site too
                 regions.append(Region(prefix, module, _leaf_graph(module), [""] + [w for w in wanted if w]))
@@ -173,7 +178,9 @@ def plan_regions(model: nn.Module, sites: list[str]) -> list[Region]:
         # rewritten): such a module is not a region, its children are tried (the hooked module itself
         # becomes a region that carries its hooks over).
         hooked = any(has_hooks(m) for m in list(module.modules())[1:])
-        gm = None if hooked else _trace(module)
+        # A module holding experts is never traced whole: tracing would bake their routing.
+        experts = any(expert_tensors(m) and not is_region(m) for m in module.modules())
+        gm = None if hooked or experts else _trace(module)
         if gm is not None and set(wanted) <= {s.fqn for s in find_sites(gm)}:
             regions.append(Region(prefix, module, gm, wanted))
             return

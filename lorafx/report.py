@@ -153,12 +153,20 @@ def _describe_adapter(row: SiteRow, adapter: Adapter, weight: torch.Tensor) -> N
     """Fill the variant columns of ``row`` from the built adapter (generic over variants)."""
     was_training = adapter.training
     adapter.eval()  # inference form: no dropout masks; gates that remain are input-dependent
+    lower = adapter.lower
     try:
         with torch.no_grad():
-            low = adapter.lower(torch.zeros(1, adapter.in_features, dtype=adapter_dtype(adapter), device=weight.device))
+            low = lower(torch.zeros(1, adapter.in_features, dtype=adapter_dtype(adapter), device=weight.device))
+            if low.A.dim() == 3:  # an expert tensor (lorafx.moe): one expert's pair, per routed (token, expert)
+
+                def lower(x, own=adapter.lower):
+                    full = own(x)
+                    return full._replace(A=full.A[0], B=full.B[0])
+
+                low = lower(low.x)
         # only the base weight's shape matters (its FLOPs are subtracted): a stride-0 stand-in, no copy
         w = low.x.new_zeros((), dtype=low.A.dtype).expand(adapter.out_features, adapter.in_features)
-        one, two = (adapter_flops(adapter.lower, low.x.new_zeros(n, adapter.in_features), w) for n in (1, 2))
+        one, two = (adapter_flops(lower, low.x.new_zeros(n, adapter.in_features), w) for n in (1, 2))
     finally:
         adapter.train(was_training)
     cfg = adapter.config
@@ -174,6 +182,7 @@ def _describe_adapter(row: SiteRow, adapter: Adapter, weight: torch.Tensor) -> N
     # Fusable = one lora_linear launch computes the site: any gate and scale fit the fused kernel; a
     # replaced base term (CE-LoRA's custom backward) needs its own op unless the variant says otherwise.
     row.fusable = bool(fusable()) if callable(fusable) else low.base is None
+    row.fusable = row.fusable and lower is adapter.lower  # expert tensors run lorafx::grouped_linear, not the fused op
 
 
 def adapter_dtype(adapter: Adapter) -> torch.dtype:

@@ -20,6 +20,8 @@ weight. :func:`apply_rules` decides, once, in the plan, for every candidate:
   :mod:`lorafx.plan`). ``nn.TransformerEncoderLayer``'s eval fast path reads ``linear1``/``linear2`` weights
   directly: those sites are adapted and the layer's fast path is turned off (``slow_path``: the
   commit registers a no-op forward pre-hook, one of the conditions PyTorch documents for leaving it).
+* **MoE expert tensors** (:mod:`lorafx.moe`): adapted when the experts module has the layout lorafx
+  reimplements and its own forward equals the grouped form on a probe batch; LoRA only.
 * **Shared weights** (found by storage, :mod:`lorafx.weights`). When every holder of a weight is a
   selected linear site with the same config, they share one adapter (``tied_to``): every use
   computes ``W + ΔW`` and merge writes ΔW once. Otherwise (tied embeddings, a holder the spec does
@@ -45,7 +47,7 @@ import re
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lorafx import site_kinds
+from lorafx import moe, site_kinds
 from lorafx.config import variant_class, variant_names
 from lorafx.quantized import needs_own_forward, quantized_kind
 from lorafx.regions import is_region
@@ -126,9 +128,13 @@ def _parent(fqn: str, modules: dict[str, nn.Module]) -> tuple[str, nn.Module | N
 def apply_rules(model: nn.Module, sites: dict) -> None:
     """Set ``refused``, ``tied_to`` and ``slow_path`` on every :class:`~lorafx.plan.Site` in place."""
     modules = dict(model.named_modules())
+    probed: dict[int, str | None] = {}  # experts module -> its layout/probe refusal (one probe per module)
     for fqn, site in sites.items():
         if is_region(site.module):
             continue  # a lorafx region: its rules were applied when it was made
+        if site.param is not None:  # an expert tensor (lorafx.moe)
+            site.refused = moe.refusal(site.module, site.config, probed)
+            continue
         site.refused = _behaviour_refusal(site.module)
         if site.kind not in (site_kinds.LINEAR, site_kinds.MHA_OUT):
             site.refused = site_kinds.kind_refusal(site.module) or _variant_refusal(site)
@@ -173,7 +179,7 @@ def _share_or_refuse(model: nn.Module, sites: dict) -> None:
     for fqn, site in sites.items():
         if not site.selected or site.refused or site.tied_to:
             continue
-        others = other_users(users, site.weight, f"{fqn}.{site.weight_name}")
+        others = other_users(users, site.weight, site.weight_fqn)
         if not others:
             continue
         holders = [u.rpartition(".")[0] for u in others]

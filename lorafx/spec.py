@@ -21,6 +21,7 @@ from lorafx.config import AdapterConfig
 from lorafx.errors import SpecError
 
 ALL_LINEAR = "all-linear"
+TASKS = (None, "seq_cls")  # seq_cls: the classification head is trained and saved (lorafx.saved_modules)
 SPEC_FORMAT_VERSION = 1
 
 
@@ -48,6 +49,9 @@ class Spec:
         targets: list of FQN suffixes, a regex string (full match), or ``"all-linear"``.
         exclude: sites never adapted, in the same forms as ``targets`` (no ``"all-linear"``).
         overrides: ``{pattern: {field: value}}`` or ``{pattern: AdapterConfig}``; first match wins.
+        modules_to_save: modules (FQN or dotted suffix) trained whole, one copy per adapter, saved with
+            it (PEFT's ``modules_to_save``; :mod:`lorafx.saved_modules`).
+        task: ``"seq_cls"`` saves the classification head (``classifier``/``score``), as PEFT's SEQ_CLS.
 
     Example:
         >>> spec = Spec(LoRA(r=16), targets="all-linear", overrides={"down_proj": {"r": 8}})
@@ -57,6 +61,8 @@ class Spec:
     targets: str | tuple[str, ...] = ALL_LINEAR
     exclude: str | tuple[str, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    task: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.config, AdapterConfig):
@@ -75,6 +81,13 @@ class Spec:
                     re.compile(value)
                 except re.error as e:
                     raise SpecError(f"Spec.{name} regex {value!r} does not compile: {e}") from None
+        saved = self.modules_to_save
+        saved = tuple(saved) if isinstance(saved, list) else saved
+        if not isinstance(saved, tuple) or not all(isinstance(v, str) and v for v in saved):
+            raise SpecError(f"Spec.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        object.__setattr__(self, "modules_to_save", saved)
+        if self.task not in TASKS:
+            raise SpecError(f"Spec.task must be one of {list(TASKS)}, got {self.task!r}")
         if self.targets == () or self.targets == "":
             raise SpecError("Spec.targets is empty: name the sites to adapt, a regex, or 'all-linear'")
         if self.exclude == ALL_LINEAR:
@@ -167,6 +180,8 @@ class Spec:
             "targets": self.targets if isinstance(self.targets, str) else list(self.targets),
             "exclude": self.exclude if isinstance(self.exclude, str) else list(self.exclude),
             "overrides": {p: _override_to_dict(self.config, v) for p, v in self._resolved.items()},
+            **({"modules_to_save": list(self.modules_to_save)} if self.modules_to_save else {}),
+            **({"task": self.task} if self.task else {}),
         }
 
     @staticmethod
@@ -179,7 +194,8 @@ class Spec:
             raise SpecError(
                 f"spec format_version {version!r} is not supported (this lorafx reads {SPEC_FORMAT_VERSION})"
             )
-        unknown = sorted(set(data) - {"format", "format_version", "config", "targets", "exclude", "overrides"})
+        known = {"format", "format_version", "config", "targets", "exclude", "overrides", "modules_to_save", "task"}
+        unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"spec has unknown key(s) {unknown}")
         if "config" not in data:
@@ -197,6 +213,8 @@ class Spec:
             targets=data.get("targets", ALL_LINEAR),
             exclude=data.get("exclude", ()),
             overrides=overrides,
+            modules_to_save=data.get("modules_to_save", ()),
+            task=data.get("task"),
         )
 
     def to_json(self) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lorafx.adapter import SiteAdapters
 from lorafx.errors import SpecError
+from lorafx.saved_modules import iter_saved
 
 SHARED = "lorafx_shared"  # root submodule holding model-level shared modules
 _KEY = "_lorafx"
@@ -146,7 +147,8 @@ def iter_sites(model: nn.Module) -> dict[str, SiteAdapters]:
 def adapter_modules(model: nn.Module, name: str) -> list[nn.Module]:
     """Every module of adapter ``name``: its per-site adapters, then its shared modules."""
     mods = [sa.adapters[name] for sa in iter_sites(model).values() if name in sa.adapters]
-    return mods + list(shared_modules(model, name).values())
+    saved = [s.copies[name] for s in iter_saved(model).values() if name in s.copies]
+    return mods + list(shared_modules(model, name).values()) + saved
 
 
 @contextlib.contextmanager
@@ -187,6 +189,10 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         sa.active = name if name in sa.adapters else None
     for key, m in shared_modules(model).items():
         m.requires_grad_(split_shared_key(key)[0] == name)
+    for saved in iter_saved(model).values():  # modules_to_save: the adapter's own copy runs and trains
+        for other, twin in saved.copies.items():
+            twin.requires_grad_(other == name)
+        saved.active = name
     data.active = name
 
 
@@ -228,6 +234,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del sa.adapters[name]
             if sa.active == name:
                 sa.active = None
+    for saved in iter_saved(model).values():
+        if name in saved.copies:
+            del saved.copies[name]
+            saved.active = saved.active
     shared = getattr(model, SHARED, None)
     for key in shared_modules(model, name):
         del shared[key]

@@ -21,6 +21,7 @@ from lorafx.errors import LorafxError, SpecError
 from lorafx.merge import is_merged, merge, merge_dequantized, unmerge
 from lorafx.quantized import quantized_kind
 from lorafx.regions import is_region
+from lorafx.saved_modules import iter_saved
 
 _ADDED = ("resize_token_embeddings", "save_pretrained")  # instance attributes apply() may add
 
@@ -58,8 +59,9 @@ def _strip(root: nn.Module) -> None:
 
 
 @state.locked
-def _unload(model: nn.Module) -> nn.Module:
+def _unload(model: nn.Module, keep_saved: bool = False) -> nn.Module:
     data = state.get(model)
+    saved = iter_saved(model)
     regions = {fqn: m for fqn, m in model.named_modules() if is_region(m)}
     missing = sorted(f for f in regions if f not in data.originals)
     if missing:
@@ -73,6 +75,9 @@ def _unload(model: nn.Module) -> nn.Module:
     # outermost first, through the same swap commit uses (nothing to undo: unload is the undo)
     order = sorted((f for f in data.originals if f), key=lambda f: (f.count("."), f))
     swap_regions(root, [(fqn, data.originals[fqn]) for fqn in order], [])
+    # modules_to_save: the original back, or (merge_and_unload, as PEFT) the active adapter's trained copy
+    chosen = [(f, s.copies[s.active] if keep_saved and s.active in s.copies else s.original) for f, s in saved.items()]
+    swap_regions(root, chosen, [])
     for m in (model, root):
         _strip(m)
     return root
@@ -133,7 +138,7 @@ def merge_and_unload(model: nn.Module, *, dequantize: bool = False) -> nn.Module
     for sa in sites:
         sa.__dict__.pop("_lorafx_original", None)  # merge(keep_original=True)'s copy: not needed any more
         sa.__dict__.pop("_lorafx_quantized_base", None)  # merge_dequantized's undo: unloading ends it
-    root = _unload(model)
+    root = _unload(model, keep_saved=True)
     for fqn, module in bases.items():  # the original module adopted the merged tensors: replace it whole
         parent, _, child = fqn.rpartition(".")
         setattr(root.get_submodule(parent), child, module)

@@ -88,7 +88,7 @@ def verify_merge(model: nn.Module, inputs: Any, quantized: str | None = None) ->
                 f"(adapter {name!r}); a merge check on non-finite outputs proves nothing"
             )
     diff = (merged - unmerged).abs()
-    weight = model.get_submodule(sites[0].site).weight
+    weight = sites[0].weight_in(model)
     return {
         "adapter": name,
         "dtype": next((sa.quantized for sa in sites if sa.quantized), None) or str(weight.dtype).removeprefix("torch."),

@@ -33,7 +33,8 @@ from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.files import staged_directory
 from lorafx.regions import is_region
-from lorafx.state import eval_mode
+from lorafx.saved_modules import iter_saved
+from lorafx.state import eval_mode, iter_sites
 
 __all__ = ["IDS", "MANIFEST", "MODEL_FILE", "MODES", "ExportResult", "run_exporter", "to_onnx"]
 
@@ -91,6 +92,20 @@ def to_onnx(
     cls = MODE_CLASSES.get(mode) if isinstance(mode, str) else mode
     if cls not in MODE_CLASSES.values():
         raise ExportError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    experts = [sa.site for sa in iter_sites(model).values() if sa.kind == "expert"]
+    if experts:  # measured on transformers 5.23: the base Mixtral/Qwen3-MoE do not export either
+        raise ExportError(
+            f"sites {experts[:3]}: MoE expert sites do not export to ONNX (lorafx::grouped_linear has no ONNX form; "
+            "transformers' own experts fail too: grouped_mm in the ONNX conversion, the eager loop in torch.export); "
+            "the model is unchanged"
+        )
+    saved = sorted(iter_saved(model))
+    if saved and cls is not MODE_CLASSES["merged"]:  # a head is not a low-rank pair: it cannot be fed per adapter
+        raise ExportError(
+            f"modules_to_save {saved[:3]}: mode {cls.name!r} feeds adapters as low-rank tensors, and a saved "
+            "module is a whole copy per adapter, so a served adapter swap would keep this adapter's copy; export "
+            "mode='merged' (the active adapter's copy is in the graph); the model is unchanged"
+        )
     inputs = ExampleInputs.of(example_inputs)
     target = Path(path).expanduser()
     if target.suffix == ".onnx" and not target.is_dir():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lorafx import site_kinds
+from lorafx.moe import is_expert_call
 
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -200,6 +201,11 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> list[LinearSite]:
             site = _kind_function_site(gm, node, prefix)
             if site is not None:
                 sites.append(site)
+        elif (
+            is_expert_call(node) and node.args[1].op == "get_attr"
+        ):  # lorafx.moe's grouped form: the site is the expert tensor
+            E, d_out, d_in = gm.get_parameter(node.args[1].target).shape
+            sites.append(LinearSite(node, _join(prefix, node.args[1].target), "experts", d_in, d_out, False, "Experts"))
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
             site = _function_site(gm, node, prefix, "aten")
             if site is not None:

@@ -23,6 +23,7 @@ from lorafx import site_kinds
 from lorafx.adapter import SiteAdapters
 from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
+from lorafx.moe import expert_linear
 from lorafx.passes.find_sites import LinearSite, find_sites
 
 CONTAINER = "lorafx"
@@ -164,7 +165,11 @@ def insert_adapters(gm: fx.GraphModule, sites: Mapping[str, SiteAdapters], prefi
             with new.graph.inserting_before(site.node):
                 if site.kind == site_kinds.MHA_OUT:
                     continue  # rewritten with its MultiheadAttention's call (the same node)
-                if site.kind == site_kinds.MHA:
+                if site.form == "experts":  # lorafx.moe: the grouped form takes the stacked adapter
+                    x, w, counts = site.node.args[:3]
+                    low = new.graph.call_module(f"{CONTAINER}.{key}", (x,))
+                    y = new.graph.call_function(expert_linear, (x, w, counts, low))
+                elif site.kind == site_kinds.MHA:
                     y = _mha_site(new, site, local, sites)
                 elif site.kind != site_kinds.LINEAR:
                     x = site.node.args[0] if site.node.args else site.node.kwargs["input"]
