@@ -127,11 +127,30 @@ def _table(header: str, rows: dict, ratio: str) -> list[str]:
     return out
 
 
+def static(arches: list[str], workers: int | None) -> int:
+    """``--static``: :mod:`benchmarks.kernels_static` over every specialization; exit 1 on a problem."""
+    import time
+
+    from benchmarks import kernels_static
+
+    start = time.perf_counter()
+    rows = kernels_static.sweep(kernels_static.jobs(arches=tuple(arches)), workers)
+    bad = kernels_static.write_results(rows, RESULTS)
+    print(f"{len(rows)} specializations in {time.perf_counter() - start:.0f} s; {len(bad)} problems")
+    print("\n".join(bad) or "no spills, shared memory within every limit, every dot on tensor cores")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three sizes of M only")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--static", action="store_true", help="compile every specialization for sm_80/sm_90a, no GPU")
+    parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90a"], help="with --static: targets")
+    parser.add_argument("--workers", type=int, default=None, help="with --static: compile processes")
     args = parser.parse_args(argv)
+    if args.static:
+        return static(args.arch, args.workers)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device here; the Triton kernel benchmark needs a GPU. Nothing to do.")
         return 0
