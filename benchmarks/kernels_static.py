@@ -120,15 +120,13 @@ def _tool(name: str) -> str:
 
 
 def compile_row(job: tuple) -> dict:
-    """One table row: ``job = (spec, dtype, config index, R, arch)``."""
+    """One table row: ``job = (spec, dtype, triton.Config, R, arch)``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    spec, dtype, ci, R, arch = job
+    spec, dtype, config, R, arch = job
     cap, smem_limit = ARCHES[arch]
-    kernel = spec.resolve()
-    config = kept_configs(spec, dtype, R)[ci]
-    fn = kernel.fn
+    fn = spec.resolve().fn
     constexprs = {**spec.flags, "DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R), **config.kwargs}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -143,15 +141,18 @@ def compile_row(job: tuple) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
     opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
+    tile = "×".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in config.kwargs)
+    row = {"kernel": spec.name, "arch": arch, "dtype": dtype, "R": R if spec.ranked else None, "smem_limit": smem_limit}
+    row["config"] = f"{tile} w{config.num_warps} s{config.num_stages}"
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
+    except Exception as e:  # a config the target cannot build is a row with its error, not a crashed sweep
+        return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     regs, spill_st, spill_ld = _ptxas(compiled.asm["ptx"], arch)
     ops = _opcodes(compiled.asm["cubin"])
     dots = [m.group(2) for m in map(_DOT.search, compiled.asm["ttgir"].splitlines()) if m]
-    tile = "×".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in config.kwargs)
     return {
-        "kernel": spec.name, "arch": arch, "dtype": dtype,
-        "config": f"{tile} w{config.num_warps} s{config.num_stages}", "R": R if spec.ranked else None,
-        "registers": regs, "spill_bytes": spill_st + spill_ld, "smem_bytes": compiled.metadata.shared,
+        **row, "registers": regs, "spill_bytes": spill_st + spill_ld, "smem_bytes": compiled.metadata.shared,
         "smem_limit": smem_limit, "dots": len(dots), "dots_fma": sum("#blocked" in d.split("->")[-1] for d in dots),
         "mma": sum(n for op, n in ops.items() if _MMA.match(op)), "ffma": ops.get("FFMA", 0),
     }  # fmt: skip
@@ -179,27 +180,42 @@ def _opcodes(cubin: bytes) -> Counter:
 
 
 def jobs(specs=None, dtypes=DTYPES, ranks=RANKS, arches=("sm_80", "sm_90a"), configs=None) -> list[tuple]:
-    """Every (spec, dtype, config index, R, arch) to compile; ``configs`` keeps only those indices."""
+    """Every (spec, dtype, config, R, arch) to compile, for the configs each spec's pruner keeps;
+    ``configs`` (indices into those) narrows them."""
     out = []
     for spec in specs or SPECS:
         for dtype in (d for d in dtypes if d in spec.dtypes):
             for R in ranks if spec.ranked else ranks[:1]:
-                kept = range(len(kept_configs(spec, dtype, R)))
-                out += [(spec, dtype, ci, R, a) for ci in kept if configs is None or ci in configs for a in arches]
+                kept = kept_configs(spec, dtype, R)
+                picked = kept if configs is None else [kept[i] for i in configs if -len(kept) <= i < len(kept)]
+                out += [(spec, dtype, c, R, a) for c in picked for a in arches]
     return out
 
 
-def sweep(job_list: list[tuple], workers: int | None = None) -> list[dict]:
+def quick_jobs(arches=("sm_80", "sm_90a")) -> list[tuple]:
+    """The fused forward kernel in full; every other spec at R = 16 and 128, smallest and largest tile."""
+    out = jobs([SPECS[0]], arches=arches)
+    for spec in SPECS[1:]:
+        out += [j for j in jobs([spec], ranks=(16, 128), arches=arches, configs=(0, -1)) if j not in out]
+    return out
+
+
+def sweep(job_list: list[tuple], workers: int | None = None, progress: bool = False) -> list[dict]:
     """Compile every job (in ``workers`` processes) and return the rows in job order."""
     workers = workers or min(4, os.cpu_count() or 1)
-    if workers == 1:
-        return [compile_row(j) for j in job_list]
+    rows = []
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_row, job_list))
+        for i, row in enumerate(pool.map(compile_row, job_list, chunksize=1)):
+            rows.append(row)
+            if progress and (i + 1) % 20 == 0:
+                print(f"  {i + 1}/{len(job_list)} compiled", flush=True)
+    return rows
 
 
 def problems(row: dict) -> list[str]:
     """What is wrong with one row: spills, shared memory over the limit, a dot off the tensor cores."""
+    if "error" in row:
+        return [row["error"]]
     out = []
     if row["spill_bytes"]:
         out.append(f"spills {row['spill_bytes']} B")
@@ -214,7 +230,7 @@ def markdown(rows: list[dict]) -> str:
     cols = ["kernel", "arch", "dtype", "config", "R", "registers", "spill_bytes", "smem_bytes", "mma", "ffma"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * 4 + "|---:" * 6 + "|"]
     for r in rows:
-        lines.append("| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join("–" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -235,4 +251,32 @@ def write_results(rows: list[dict], results: Path) -> list[str]:
         f"{len(bad)} with spills, shared memory over the limit or a dot off the tensor cores.\n\n"
     )
     (results / "kernels_static.md").write_text(head + markdown(rows) + "\n")
+    (results / "kernels_static_summary.md").write_text(head + summary(rows) + "\n")
     return bad
+
+
+def _span(rows: list[dict], key: str) -> str:
+    return f"{min(r[key] for r in rows)}–{max(r[key] for r in rows)}" if rows else "–"
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per kernel × arch × dtype: how many specializations, the register range, the worst
+    spill and shared memory, dots on tensor cores, and the MMA / FFMA instruction ranges."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
+    lines = [
+        "| kernel | arch | dtype | specializations | registers | max spill (B) | max smem (B) / limit "
+        "| dots on MMA | MMA instr. | FFMA instr. |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (kernel, arch, dtype), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        dots = f"{sum(r['dots'] - r['dots_fma'] for r in ok)} / {sum(r['dots'] for r in ok)}"
+        worst = max((r["spill_bytes"] for r in ok), default=0), max((r["smem_bytes"] for r in ok), default=0)
+        lines.append(
+            f"| {kernel} | {arch} | {dtype} | {len(rs)}{f' ({len(rs) - len(ok)} failed)' if len(ok) < len(rs) else ''} "
+            f"| {_span(ok, 'registers')} | {worst[0]} | {worst[1]} / {rs[0]['smem_limit']} | {dots} "
+            f"| {_span(ok, 'mma')} | {_span(ok, 'ffma')} |"
+        )
+    return "\n".join(lines)

@@ -38,3 +38,11 @@ UNMERGED_WEIGHT_FP32 = dict(atol=1e-6, rtol=0)
 VERIFY_REPORT = {torch.float32: dict(atol=2e-6, rtol=0), torch.bfloat16: dict(atol=2e-3, rtol=0)}
 # Fuzzed toy chains of up to 4 linears: half precision rounds once per layer, so 4x the single-op atol.
 HALF_CHAIN_LAYERS = 4
+
+# -- issue 17 (kernels on tensor cores) -----------------------------------------------------------
+# The fused Triton kernel in fp16 vs the fp64 formula: the expand's h (fp32, scaled) and an fp32 B are
+# rounded to fp16 for the tensor-core dot, then y is rounded once. Measured under the interpreter on
+# |y| <= 4.9 (M, K, N, r = 64, 256, 96, 16; 37, 200, 70, 64; 16, 512, 48, 8): max error 1.99e-3, mean
+# 2.6e-4, against 1.92e-3 and 1.8e-4 for the exactly rounded fp16 output (the fp32 "ieee" expand
+# before); at most 1.03x the worst rounding, allowed 2x.
+KERNEL_FP16_VS_FP64 = dict(atol=2e-3, rtol=1e-3)

@@ -18,13 +18,24 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Shared memory a block may use, the smaller of the targets we verify: sm_80 (A100) allows 163 KiB
 # per block (166,912 B), sm_90 (H100/H200) 227 KiB (232,448 B).
 SMEM_BYTES = 166_912
-# fp32 accumulator elements per thread that fit ptxas's 255 registers beside the operands, sm_90a:
-# fp16 128×256×64 over 8 warps (128 per thread) uses 210 registers at R = 16, 220 at R = 64 and
-# spills 108 B at R = 128 (the expand's h fragment doubles); with fp32 operands (3xTF32 keeps hi and
-# lo halves) the same tile spills 3.6 to 4.7 KB at every R. 64 per thread fits both.
-ACC_PER_THREAD = 128
-ACC_PER_THREAD_FP32_OR_WIDE_RANK = 64
-WIDE_RANK = 128  # BLOCK_R from which the expand's fragment no longer fits beside 128 accumulators
+# fp32 accumulator elements per thread (BLOCK_M·BLOCK_N / threads) that fit ptxas's 255 registers
+# beside the dot operands, by the rank block of the expand, measured with ``ptxas -v``. sm_80's mma.sync
+# keeps both operands of a dot in registers (sm_90a's wgmma reads one from shared memory), so sm_80
+# sets most limits: fp16 256×128×64 / 8 warps (128 per thread) is clean at R = 32 and spills 112 B at
+# R = 64 (sm_90a: clean to 64, 108 B at 128); bf16 128×128×64 / 8 warps (64) spills 504 B at R = 128;
+# 16×128×64 / 4 warps (16) is clean there.
+ACC_PER_THREAD = {16: 128, 32: 128, 64: 64, 128: 32}
+# 3xTF32 (fp32 operands) holds hi and lo halves of both operands: fp32 128×128×32 / 8 warps (64 per
+# thread) spills 1,912 B on sm_80 at R = 16, and 32×128×64 / 4 warps (32 per thread, 80 operand
+# words) 1,096 B on sm_80 and 1,208 B on sm_90a; the fp32 tiles below keep 48 words or fewer.
+ACC_PER_THREAD_FP32 = 32
+FP32_OPERAND_WORDS = 48
+# CE-LoRA's gathered K loop keeps its index vector live: bf16 256×128×64 / 8 warps spills 600-776 B.
+ACC_PER_THREAD_GATHER = 64
+# Operand words (4-byte registers) per thread of one K step of the shrink kernel, x's BLOCK_M × BLOCK_K
+# plus c's BLOCK_K × BLOCK_R tile: fp32 128×64 / 4 warps (64 words of x) spills 12 B on sm_80 at
+# R = 8, fp32 64×64 at R = 128 (64 words of c) 25 KB.
+SHRINK_OPERAND_WORDS = 32
 # GROUP_M: consecutive programs walk GROUP_M row blocks down one column block, so a wave of 132
 # programs (H100 SMs) reads ~GROUP_M row panels of x and 132/GROUP_M column panels of W, not 1 and
 # 132: the W panels stay in the 50 MB L2 at M·N = 8192×4096.
@@ -43,8 +54,11 @@ def configs(kind: str) -> list:
         )
         return [triton.Config(tile, num_warps=1)]
     if kind == "shrink":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4) for bm in (16, 64, 128) for bk in (64, 128)]
+        tiles = [(16, 32), (16, 64), (16, 128), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4) for bm, bk in tiles]
     shapes = [
+        (32, 64, 32, 4, 3),  # fp32 operands (3xTF32) keep only these two: see FP32_OPERAND_WORDS
+        (64, 64, 32, 4, 3),
         (16, 128, 64, 4, 4),
         (32, 128, 64, 4, 4),
         (64, 128, 64, 4, 4),
@@ -59,13 +73,22 @@ def configs(kind: str) -> list:
     ]
 
 
-def fits(config, operand_bytes: int, block_r: int) -> bool:
+def fits(config, operand_bytes: int, block_r: int, gather: bool = False) -> bool:
     """Whether ``config`` compiles without spills or shared-memory overflow for operands of
-    ``operand_bytes`` (2 for fp16/bf16, 4 when the dots run on fp32 operands) and rank block ``block_r``."""
-    kw, warps = config.kwargs, config.num_warps
-    bm, bn, bk = kw["BLOCK_M"], kw.get("BLOCK_N", block_r), kw["BLOCK_K"]  # shrink: a BLOCK_M × BLOCK_R tile
-    tight = operand_bytes == 4 or block_r >= WIDE_RANK
-    if bm * bn // (32 * warps) > (ACC_PER_THREAD_FP32_OR_WIDE_RANK if tight else ACC_PER_THREAD):
+    ``operand_bytes`` (2 for fp16/bf16, 4 when the dots run on fp32 operands), rank block ``block_r``
+    and (``gather``) a gathered K axis. Shrink configs have no BLOCK_N: their tile is BLOCK_M × BLOCK_R."""
+    kw, threads = config.kwargs, 32 * config.num_warps
+    bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
+    if "BLOCK_N" not in kw:  # shrink: one dot of x[BLOCK_M, BLOCK_K] and c[BLOCK_K, BLOCK_R]
+        words = (bm * bk + bk * block_r) * operand_bytes // 4 // threads
+        return words <= SHRINK_OPERAND_WORDS and bm * block_r // threads <= ACC_PER_THREAD[min(block_r, 128)]
+    bn = kw["BLOCK_N"]
+    limit = min(ACC_PER_THREAD[min(block_r, 128)], ACC_PER_THREAD_FP32 if operand_bytes == 4 else 10**9)
+    if gather:
+        limit = min(limit, ACC_PER_THREAD_GATHER)
+    if bm * bn // threads > limit:
+        return False
+    if operand_bytes == 4 and (bm * bk + bk * bn) // threads > FP32_OPERAND_WORDS:
         return False
     # At most num_stages buffers of the x and w tiles; the expand's operands reuse them once the K loop
     # drains (measured: fp16 128×256×64, 3 stages: 147,456 B at both R = 16 and R = 64 on sm_90a).
@@ -80,7 +103,7 @@ def _operand_bytes(named_args: dict, kwargs: dict) -> int:
 
 def prune(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of both kernels: the configs that :func:`fits` this launch (at least one:
-    the smallest tile, which fits every dtype and rank the launchers pass)."""
+    the first, smallest tile, which fits every dtype and rank the launchers pass)."""
     nbytes, block_r = _operand_bytes(named_args, kwargs), kwargs.get("BLOCK_R", 16)
-    kept = [c for c in configs if fits(c, nbytes, block_r)]
+    kept = [c for c in configs if fits(c, nbytes, block_r, kwargs.get("GATHER_K", False))]
     return kept or configs[:1]
