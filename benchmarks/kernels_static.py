@@ -187,7 +187,7 @@ def jobs(specs=None, dtypes=DTYPES, ranks=RANKS, arches=("sm_80", "sm_90a"), con
         for dtype in (d for d in dtypes if d in spec.dtypes):
             for R in ranks if spec.ranked else ranks[:1]:
                 kept = kept_configs(spec, dtype, R)
-                picked = kept if configs is None else [kept[i] for i in configs if -len(kept) <= i < len(kept)]
+                picked = kept if configs is None else [kept[i] for i in sorted({i % len(kept) for i in configs})]
                 out += [(spec, dtype, c, R, a) for c in picked for a in arches]
     return out
 

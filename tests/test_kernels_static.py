@@ -18,11 +18,13 @@ ARCHES = ("sm_80", "sm_90a")
 SPECS = {s.name: s for s in ks.SPECS}
 # (spec, dtype, R, config indices into the pruned list: 0 the smallest tile, -1 the largest)
 SUBSET = [
-    ("fused", "fp16", 32, (-1,)),  # 256×128×64: the widest rank at which it is kept
+    ("fused", "fp16", 32, (-1,)),  # 128×128×64 over 8 warps, the largest tile
     ("fused", "bf16", 64, (-1,)),
     ("fused", "bf16", 128, (0, -1)),
     ("fused", "fp32", 16, (0, -1)),  # 3xTF32 base GEMM and expand
+    ("fused", "fp32", 128, (0,)),  # the fallback tile, 16×32×32, at the widest rank
     ("fused_mixed", "bf16", 32, (-1,)),
+    ("fused_mixed", "fp16", 128, (-1,)),  # fp32 B loaded, then cast: the expand's widest operand
     ("fused_segmented", "fp16", 16, (-1,)),
     ("fused_celora", "bf16", 16, (-1,)),
     ("gemm_grad", "fp16", 8, (-1,)),
@@ -52,12 +54,12 @@ def test_every_kept_config_compiles_without_spills_on_tensor_cores(rows):
 
 def test_the_checks_catch_an_fma_dot_a_spill_and_shared_memory_overflow():
     """The same harness on what the kernels no longer do: an fp32 ``ieee`` expand dot (FFMA), and the
-    128×256 tile the pruner drops at R = 128 (spills), then on an sm_80 shared-memory overflow."""
-    from lorafx.kernels._triton import configs, kernels
+    128×256 tile the pruner rules out (spills on sm_80), then on a shared-memory overflow."""
+    from lorafx.kernels._triton import configs
 
-    big = next(c for c in kernels.fused_kernel.configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 256)
-    assert not configs.fits(big, 2, 128) and configs.fits(big, 2, 32)
-    row = ks.compile_row((SPECS["fused"], "fp16", big, 128, "sm_90a"))
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    assert not configs.fits(big, 2, 16)
+    row = ks.compile_row((SPECS["fused"], "fp16", big, 16, "sm_80"))
     assert row["spill_bytes"] > 0 and any("spills" in p for p in ks.problems(row)), row
     probe = ks.Spec("ieee", f"{__name__}:ieee_dot", {}, ranked=False)
     fma = ks.compile_row((probe, "fp32", ieee_dot.configs[0], 16, "sm_80"))

@@ -7,7 +7,8 @@ read-modify-write of the ``[M, N]`` output: 2·M·N·2 bytes, 128 MiB at M = 819
 
 Multi-adapter batches (SEGMENTED) run the same kernels over rows grouped by adapter (Punica's SGMV):
 each program takes one adapter's rows (:func:`_row_block`), so the adapter products stay ``tl.dot``s
-instead of per-row gathers. Both kernels share their K loop (:func:`_k_loop`).
+instead of per-row gathers. Both kernels share their K loop (:func:`_k_loop`), and every dot, the
+expand included, goes through :func:`_mma` onto tensor cores. Configs: :mod:`.configs`.
 """
 
 from __future__ import annotations
