@@ -38,7 +38,10 @@ RANKS = (8, 16, 32, 64, 128)
 ARCHES = {"sm_80": (80, 166_912), "sm_90a": (90, 232_448), "sm_100a": (100, 232_448)}
 _MMA = re.compile(r"^(HMMA|HGMMA|UTCHMMA|UTCQMMA|UTCMMA|UTCOMMA|IMMA)")
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
-_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)\b(?!_)(.*)$")
+# Dot ops of the TTGIR: tt.dot (mma.sync on sm_80, or FMA when its result layout is #blocked),
+# warp_group_dot (wgmma, sm_90a), tc_gen5_mma (tcgen05, sm_100a: no result, the accumulator lives in
+# tensor memory; the pipeliner peels the K loop's first one, so sm_100a rows count one dot more).
+_DOT = re.compile(r"(?:= |^\s*)(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)\b(.*)$")
 
 
 @dataclass(frozen=True)
