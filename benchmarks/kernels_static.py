@@ -17,7 +17,8 @@ For every specialization (kernel × flags × dtype × autotune config kept by th
 To verify one more kernel, append a :class:`Spec` to :data:`SPECS` (or pass your own list to
 :func:`sweep`): the autotuned kernel, its pointer dtypes, its constexpr flags, the stride arguments the
 launcher passes as 1, and whether it has a rank (``BLOCK_R``). Its ``@triton.autotune`` configs (after
-its ``early_config_prune``, if any) are swept.
+its ``early_config_prune``, if any) are swept. DOT_FP32 and BLOCK_R are filled in (when the kernel
+has them) from the first two pointer types and R, unless ``flags`` sets them.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def kept_configs(spec: Spec, dtype: str, R: int) -> list:
     import torch
 
     kernel = spec.resolve()
-    flags = {**spec.flags, "DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R)}
+    flags = {"DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R), **spec.flags}
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "i64": torch.int64}
     types = _types(spec, dtype)
     named = {n: torch.empty(0, dtype=torch_dtype[types.get(n, f"*{dtype}")[1:]]) for n in kernel.fn.arg_names}
@@ -130,7 +131,7 @@ def compile_row(job: tuple) -> dict:
     spec, dtype, config, R, arch = job
     cap, smem_limit = ARCHES[arch]
     fn = spec.resolve().fn
-    constexprs = {**spec.flags, "DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R), **config.kwargs}
+    constexprs = {"DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R), **spec.flags, **config.kwargs}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
