@@ -39,9 +39,10 @@ EXPAND_WORDS = 96
 # plus c's BLOCK_K × BLOCK_R tile: fp32 128×64 / 4 warps (64 words of x) spills 12 B on sm_80 at
 # R = 8, fp32 64×64 at R = 128 (64 words of c) 25 KB.
 SHRINK_OPERAND_WORDS = 32
-# GROUP_M: consecutive programs walk GROUP_M row blocks down one column block, so a wave of 132
-# programs (H100 SMs) reads ~GROUP_M row panels of x and 132/GROUP_M column panels of W, not 1 and
-# 132: the W panels stay in the 50 MB L2 at M·N = 8192×4096.
+# GROUP_M: consecutive programs walk GROUP_M row blocks down one column block. At M = 8192,
+# K = N = 4096, fp16, 128×128 tiles (each x or W panel 1 MiB), a wave of 132 programs (H100 SMs) in
+# the old row-block-fastest order touched all 64 x panels and 2-3 W panels (~66 MiB, over the 50 MB
+# L2); grouped by 8 it touches 8 x panels and 17 W panels (25 MiB).
 GROUP_M = 8
 
 
