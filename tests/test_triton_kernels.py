@@ -79,6 +79,23 @@ if INTERPRETED:
             assert a.shape == w.shape and a.dtype == w.dtype, name
             assert_close(a.float(), w.float(), **KERNEL_TOL[dtype], msg=name)
 
+    @pytest.mark.parametrize("shape", [(64, 256, 96, 16), (37, 200, 70, 64), (16, 512, 48, 8)])
+    def test_fp16_tensor_core_expand_vs_fp64(shape):
+        """h (fp32, scaled) and B rounded to fp16 for the expand's tensor-core dot: the output stays
+        within KERNEL_FP16_VS_FP64 of the exact fp64 value (numbers in tests/tolerances.py)."""
+        from tolerances import KERNEL_FP16_VS_FP64
+
+        M, K, N, r = shape
+        g = torch.Generator().manual_seed(M)
+        x, W = torch.randn(M, K, generator=g).half(), (torch.randn(N, K, generator=g) / K**0.5).half()
+        A, B = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g) / r**0.5
+        s = torch.tensor(0.75)
+        got = launchers.lora_linear(x, W, None, A, B, s)
+        x64, W64, A64, B64 = (t.double() for t in (x, W, A, B))
+        want = x64 @ W64.T + 0.75 * (x64 @ A64.T) @ B64.T
+        assert got.dtype == torch.float16
+        assert_close(got.double(), want, **KERNEL_FP16_VS_FP64)
+
     def test_expand_matches_reference():
         x, W, b, A, B, s, g = _data(21, 18, 35, 8, torch.float32, gate=True)
         h = x @ A.T

@@ -47,3 +47,10 @@ KERNEL_4BIT = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(at
 # torchao int8 weight-only merge_requantized vs the unmerged model, tiny Llama logits (|logits| < 0.6):
 # per-row int8 rounding of W + ΔW again; measured max 1.3e-2 (the adapter alone moves them 0.82).
 TORCHAO_INT8_REQUANT_LOGITS = dict(atol=3e-2, rtol=0)
+# -- issue 17 (kernels on tensor cores) -----------------------------------------------------------
+# The fused Triton kernel in fp16 vs the fp64 formula: the expand's h (fp32, scaled) and an fp32 B are
+# rounded to fp16 for the tensor-core dot, then y is rounded once. Measured under the interpreter on
+# |y| <= 4.9 (M, K, N, r = 64, 256, 96, 16; 37, 200, 70, 64; 16, 512, 48, 8): max error 1.99e-3, mean
+# 2.6e-4, against 1.92e-3 and 1.8e-4 for the exactly rounded fp16 output (the fp32 "ieee" expand
+# before); at most 1.03x the worst rounding, allowed 2x.
+KERNEL_FP16_VS_FP64 = dict(atol=2e-3, rtol=1e-3)

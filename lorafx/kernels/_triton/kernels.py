@@ -7,41 +7,16 @@ read-modify-write of the ``[M, N]`` output: 2·M·N·2 bytes, 128 MiB at M = 819
 
 Multi-adapter batches (SEGMENTED) run the same kernels over rows grouped by adapter (Punica's SGMV):
 each program takes one adapter's rows (:func:`_row_block`), so the adapter products stay ``tl.dot``s
-instead of per-row gathers. Both kernels share their K loop (:func:`_k_loop`).
+instead of per-row gathers. Both kernels share their K loop (:func:`_k_loop`), and every dot, the
+expand included, goes through :func:`_mma` onto tensor cores. Configs: :mod:`.configs`.
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(kind: str) -> list:
-    """Autotune configs, keyed on (M, N, K, R). One small config under the interpreter (it times
-    every config by running it, and interpreted runs cost seconds)."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    if kind == "shrink":
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": bk}, num_warps=4)
-            for bm in (16, 64, 128)
-            for bk in (64, 128)
-        ]
-    shapes = [
-        (16, 128, 64, 4, 4),
-        (32, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
-    ]
+from lorafx.kernels._triton.configs import configs, prune
 
 
 @triton.jit
@@ -65,8 +40,7 @@ def _k_loop(
     GATHER_K: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # acc[rm, rn] += a[rm, :K] @ b[:K, rn]. GATHER_K: the K axis runs over kidx[0:K], columns of a and
-    # rows of b picked in place (CE-LoRA's G[:, I] W[I, :] without materialising either). DOT_FP32:
-    # operands upcast and ieee dots, for fp32 or mixed inputs (tf32 would lose 13 mantissa bits).
+    # rows of b picked in place (CE-LoRA's G[:, I] W[I, :] without materialising either).
     rk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -79,14 +53,32 @@ def _k_loop(
         b = tl.load(
             b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
         )
-        if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = _mma(a, b, acc, DOT_FP32)
     return acc
 
 
-@triton.autotune(configs=_configs("shrink"), key=["M", "K", "R"])
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # Program pid -> (row block, column block), column-major within groups of GROUP_M row blocks (the
+    # last group may be shorter), so programs running together share W's column panels in L2.
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr):
+    # acc + a @ b on tensor cores. DOT_FP32 (fp32 or mixed operands): both upcast, then 3xTF32 (hi·hi +
+    # hi·lo + lo·hi of a tf32 split): HMMA/HGMMA at ~fp32 accuracy where plain tf32 keeps 10 of fp32's
+    # 23 mantissa bits and "ieee" runs on FFMA (2,048 per thread at a 128×256×16 tile, measured).
+    # Otherwise b is cast to a's dtype (fp16/bf16; a no-op when they match).
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.autotune(configs=configs("shrink"), key=["M", "K", "R"], prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def shrink_kernel(
     # pointers
@@ -96,8 +88,8 @@ def shrink_kernel(
     # strides
     stride_xm, stride_xk, stride_ca, stride_ck, stride_cr, stride_gm, stride_gr, stride_hm, stride_hr,
     # meta-parameters
-    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # ---- h[M, R] = s · (x[M, K] @ c[K, R]) ⊙ g, fp32; program (m-block, adapter a), a = 0 unsegmented
     pid_m = tl.program_id(0)
@@ -112,7 +104,7 @@ def shrink_kernel(
     acc = _k_loop(
         acc, x_ptr, c_ptr + a * stride_ca, x_ptr, rm, rr, m_mask, r_mask, K,
         stride_xm, stride_xk, stride_ck, stride_cr,
-        GATHER_K=False, DOT_FP32=True, BLOCK_K=BLOCK_K,
+        GATHER_K=False, DOT_FP32=DOT_FP32, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     # ---- epilogue: scale, gate, store fp32
     acc = acc * tl.load(s_ptr + a).to(tl.float32)
@@ -124,7 +116,7 @@ def shrink_kernel(
     tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, acc, mask=out_mask)
 
 
-@triton.autotune(configs=_configs("fused"), key=["M", "N", "K", "R"])
+@triton.autotune(configs=configs("fused"), key=["M", "N", "K", "R"], prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def fused_kernel(
     # pointers
@@ -137,15 +129,16 @@ def fused_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_ADAPTER: tl.constexpr, SEGMENTED: tl.constexpr, DOT_FP32: tl.constexpr,
     GATHER_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # ---- tile of y[M, N] = x[M, K] @ w[K, N] + h[M, R] @ bt[R, N] + bias; program (m, n, adapter a)
-    pid_m = tl.program_id(0)
-    a = tl.program_id(2)
+    # ---- tile of y[M, N] = x[M, K] @ w[K, N] + h[M, R] @ bt[R, N] + bias; program (m·n tile, adapter a)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    a = tl.program_id(1)
     if SEGMENTED:
         if pid_m * BLOCK_M >= tl.load(count_ptr + a):
             return
     rm, m_mask = _row_block(pid_m, a, M, order_ptr, start_ptr, count_ptr, SEGMENTED, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # ---- base GEMM, fp32 accumulator
@@ -169,7 +162,9 @@ def fused_kernel(
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
+            if not DOT_FP32:  # fp16/bf16: h (fp32, already scaled) rounded to the operand dtype, as PEFT does
+                h = h.to(x_ptr.dtype.element_ty)
+            acc = _mma(h, bt, acc, DOT_FP32)
     # ---- epilogue: bias, one write in the output dtype
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -22,6 +22,11 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))  # tl.dot needs every block dim >= 16
 
 
+def _dot_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The kernels' DOT_FP32: 3xTF32 dots on upcast operands unless both are the same half type."""
+    return a.dtype == torch.float32 or a.dtype != b.dtype
+
+
 class Segments(NamedTuple):
     """Rows of a multi-adapter batch grouped by adapter, computed on the device (no host sync):
     ``order`` lists row ids adapter by adapter, segment ``a`` is ``order[starts[a] : starts[a] +
@@ -56,7 +61,7 @@ def shrink(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, gate=None, seg: S
         x2, c, g, s, order, starts, counts, h,
         M, K, R,
         x2.stride(0), x2.stride(1), sa, sk, sr, g.stride(0), g.stride(1), h.stride(0), h.stride(1),
-        HAS_GATE=gate is not None, SEGMENTED=seg is not None, BLOCK_R=_block_r(R),
+        HAS_GATE=gate is not None, SEGMENTED=seg is not None, DOT_FP32=_dot_fp32(x2, c), BLOCK_R=_block_r(R),
     )  # fmt: skip
     return h
 
@@ -82,7 +87,7 @@ def fused(
     h_ = h if adapter else y
     ba, br, bn = (bt.stride() if seg is not None else (0, *bt.stride())) if adapter else (0, 0, 0)
     n_seg = seg.n + 1 if seg is not None else 1
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), n_seg)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), n_seg)  # noqa: E731
     order, starts, counts = seg[:3] if seg is not None else (y, y, y)
     wrap_triton(fused_kernel)[grid](
         x2, w, bias if bias is not None else y, h_, bt if adapter else y, order, starts, counts,
@@ -91,7 +96,7 @@ def fused(
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), h_.stride(0), h_.stride(1),
         ba, br, bn, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_ADAPTER=adapter, SEGMENTED=seg is not None,
-        DOT_FP32=x2.dtype == torch.float32 or x2.dtype != w.dtype, GATHER_K=kidx is not None, BLOCK_R=_block_r(R),
+        DOT_FP32=_dot_fp32(x2, w), GATHER_K=kidx is not None, BLOCK_R=_block_r(R),
     )  # fmt: skip
     return y
 

@@ -1,0 +1,80 @@
+"""Static GPU verification of the Triton kernels, on the CPU: compiled for sm_80 and sm_90a.
+
+Reference: ``ptxas -v`` and ``nvdisasm`` shipped in the triton wheel, and the TTGIR's dot layouts
+(:mod:`benchmarks.kernels_static`). A representative subset of ``python -m benchmarks.kernels --static``
+(which sweeps every specialization): for each launcher call, the largest tile its pruner keeps at the
+widest rank it keeps that tile for, and the smallest tile, in one dtype each. Compiled artefacts
+land in triton's cache, so a second run costs only ptxas and nvdisasm.
+"""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from benchmarks import kernels_static as ks  # noqa: E402
+
+ARCHES = ("sm_80", "sm_90a")
+SPECS = {s.name: s for s in ks.SPECS}
+# (spec, dtype, R, config indices into the pruned list: 0 the smallest tile, -1 the largest)
+SUBSET = [
+    ("fused", "fp16", 32, (-1,)),  # 128×128×64 over 8 warps, the largest tile
+    ("fused", "bf16", 64, (-1,)),
+    ("fused", "bf16", 128, (0, -1)),
+    ("fused", "fp32", 16, (0, -1)),  # 3xTF32 base GEMM and expand
+    ("fused", "fp32", 128, (0,)),  # the fallback tile, 16×32×32, at the widest rank
+    ("fused_mixed", "bf16", 32, (-1,)),
+    ("fused_mixed", "fp16", 128, (-1,)),  # fp32 B loaded, then cast: the expand's widest operand
+    ("fused_segmented", "fp16", 16, (-1,)),
+    ("fused_celora", "bf16", 16, (-1,)),
+    ("gemm_grad", "fp16", 8, (-1,)),
+    ("shrink", "fp16", 128, (-1,)),
+    ("shrink_gate_segmented", "fp32", 8, (-1,)),
+]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    jobs = []
+    for name, dtype, R, picks in SUBSET:
+        jobs += ks.jobs([SPECS[name]], dtypes=(dtype,), ranks=(R,), arches=ARCHES, configs=picks)
+    return ks.sweep(jobs)
+
+
+def test_every_kept_config_compiles_without_spills_on_tensor_cores(rows):
+    assert len(rows) == 2 * sum(len(p) for *_, p in SUBSET), "a subset entry matched no config"
+    bad = [f"{r['kernel']} {r['arch']} {r['dtype']} {r['config']} R={r['R']}: {ks.problems(r)}" for r in rows]
+    assert not [b for b, r in zip(bad, rows, strict=True) if ks.problems(r)], "\n".join(bad)
+    for r in rows:  # the adapter expand is the fused kernel's second dot; 3xTF32 makes each dot three
+        spec = SPECS[r["kernel"]]
+        logical = 2 if spec.flags.get("HAS_ADAPTER") else 1
+        assert r["dots"] == logical * (3 if ks.dot_fp32(spec, r["dtype"]) else 1) and r["dots_fma"] == 0, r
+        assert r["mma"] > 0 and r["ffma"] < r["mma"] * 4, r  # FFMA left: epilogue scale/bias only, not a dot
+
+
+def test_the_checks_catch_an_fma_dot_a_spill_and_shared_memory_overflow():
+    """The same harness on what the kernels no longer do: an fp32 ``ieee`` expand dot (FFMA), and the
+    128×256 tile the pruner rules out (spills on sm_80), then on a shared-memory overflow."""
+    from lorafx.kernels._triton import configs
+
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    assert not configs.fits(big, 2, 16)
+    row = ks.compile_row((SPECS["fused"], "fp16", big, 16, "sm_80"))
+    assert row["spill_bytes"] > 0 and any("spills" in p for p in ks.problems(row)), row
+    probe = ks.Spec("ieee", f"{__name__}:ieee_dot", {}, ranked=False)
+    fma = ks.compile_row((probe, "fp32", ieee_dot.configs[0], 16, "sm_80"))
+    assert fma["dots_fma"] == 1 and fma["mma"] == 0 and fma["ffma"] > 0, fma
+    assert any("on FMA" in p for p in ks.problems(fma))
+    assert ks.problems({**row, "spill_bytes": 0, "smem_bytes": row["smem_limit"] + 1}) == [
+        f"shared memory {row['smem_limit'] + 1} B > {row['smem_limit']} B"
+    ]
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=[])
+@triton.jit
+def ieee_dot(x_ptr, w_ptr, y_ptr, BLOCK: tl.constexpr):
+    # y = x @ w for one BLOCK × BLOCK fp32 tile, the old expand's "ieee" precision: FFMA, no MMA
+    r = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :])
+    w = tl.load(w_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(x, w, input_precision="ieee"))
