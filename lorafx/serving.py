@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from lorafx import rows, state
+from lorafx.several import names_of
 from lorafx.state import set_adapter
 
 
@@ -51,4 +52,5 @@ def using_adapter(model: nn.Module, name: str | None | list[str | None]) -> Iter
         finally:
             # The block may have deleted the previous adapter (a held lock keeps other threads out,
             # but not this one): then the model ends with adapters off, as delete_adapter leaves it.
-            set_adapter(model, previous if previous in state.get(model).specs else None)
+            kept = [n for n in names_of(previous) if n in state.get(model).specs]  # several: a tuple
+            set_adapter(model, kept or None)
