@@ -54,7 +54,26 @@ class RowSlot:
             )
         if any(a.training for a in self.adapters):
             self._check_training_forms(x)
+        A, B, s = self._stacks(x.device)
+        tokens = x.numel() // x.shape[-1]  # leading rows are batch-major: rows i·k.. of n·k share names[i]
+        return Lowered(x, A, B, s, rows=self.idx.repeat_interleave(tokens // n))
+
+    def _stacks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A [K, R, d_in], B [K, d_out, R], s [K])`` of the site's adapters. Without autograd and
+        outside torch.compile the last stacks are reused while every (Aᵉ, Bᵉ, s) the adapters return is
+        the same tensor object at the same version (in-place updates bump ``_version``; variants that
+        compute Aᵉ afresh never match), so a served model stacks once, not once per forward."""
         weights = [a.effective_weights() for a in self.adapters]  # mergeable: the eval form is (Aᵉ, Bᵉ, s)
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = [(t, t._version) if isinstance(t, torch.Tensor) else (t, None) for w in weights for t in w]
+            hit = self.__dict__.get("_cache")
+            if (
+                hit is not None
+                and len(hit[0]) == len(key)
+                and all(a is b and u == v for (a, u), (b, v) in zip(hit[0], key, strict=True))
+            ):
+                return hit[1]
         R = max(A.shape[0] for A, _, _ in weights)
         dtype = functools.reduce(torch.promote_types, [A.dtype for A, _, _ in weights])
         # Ranks may differ between adapters (r = 8 beside r = 16, CapaBoost's d·r): zero rows/columns
@@ -62,9 +81,10 @@ class RowSlot:
         A = torch.stack([F.pad(A.to(dtype), (0, 0, 0, R - A.shape[0])) for A, _, _ in weights])
         B = torch.stack([F.pad(B.to(dtype), (0, R - B.shape[1])) for _, B, _ in weights])
         s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        s = torch.stack([torch.as_tensor(s, dtype=s_dtype, device=x.device) for _, _, s in weights])
-        tokens = x.numel() // x.shape[-1]  # leading rows are batch-major: rows i·k.. of n·k share names[i]
-        return Lowered(x, A, B, s, rows=self.idx.repeat_interleave(tokens // n))
+        s = torch.stack([torch.as_tensor(s, dtype=s_dtype, device=device) for _, _, s in weights])
+        if cacheable:
+            self.__dict__["_cache"] = (key, (A, B, s))
+        return A, B, s
 
     def _check_training_forms(self, x: torch.Tensor) -> None:
         """In training mode an adapter's forward may differ from its eval form (input dropout,
@@ -158,6 +178,9 @@ def per_row(model: nn.Module, names: Sequence) -> Iterator[nn.Module]:
             yield model
         finally:
             for sa in sites:
+                slot = sa.__dict__.get("_row_slot")
+                if slot is not None:  # the stacks (and the adapter tensors they key on) go with the block
+                    slot.__dict__.pop("_cache", None)
                 sa._update_slot()
             for p, flag in flags:
                 p.requires_grad_(flag)
