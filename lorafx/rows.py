@@ -9,7 +9,9 @@ products over its own rows only). The hot path of a model without an assignment 
 
 A batch of ``k·n`` rows for ``n`` names (``generate`` with ``num_beams`` or
 ``num_return_sequences``, which expand rows with ``repeat_interleave``) gives rows ``i·k .. i·k+k-1``
-adapter ``names[i]``. A site's stack is every adapter of the site whose eval form is the canonical
+adapter ``names[i]``. The leading dimension of every adapted site's input must be the batch (true of
+every transformers model; a ``batch_first=False`` PyTorch encoder is not): a site cannot tell a
+sequence-first layout from a batch. A site's stack is every adapter of the site whose eval form is the canonical
 form (the mergeable variants), in the site's order, and the assignment is an index tensor updated in
 place: changing which rows use which adapters changes tensor values only, so a compiled model does
 not recompile.
