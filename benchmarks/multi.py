@@ -12,13 +12,22 @@ operands, interleaved in one process:
   the ``lorafx::lora_linear_multi_backward`` op);
 * ``lorafx`` — the op: each adapter's products over its own rows (index_select / index_add).
 
-PEFT is not a contender: its mixed-adapter batches (``adapter_names=``) are inference only.
+PEFT is not a contender there: its mixed-adapter batches (``adapter_names=``) are inference only.
 ``python -m benchmarks.multi [--quick]``; writes ``benchmarks/results/multi.{json,md}``.
+
+``--model``: per-row adapters on the whole benchmark Llama (``lorafx.cli.models.bench_llama``: hidden
+1024, 4 layers, vocab 32000), inference, one 16 × 128-token forward whose rows cycle through n = 4 or 16
+LoRA adapters (r = 16, alpha = 32, all linear layers, random weights; PEFT loads the very same
+weights through ``lorafx.to_peft``). Contenders, interleaved in one process: the plain base model;
+lorafx with one adapter active; lorafx's mixed batch (``lorafx.using_adapter(model, names)``); PEFT with
+one adapter; PEFT's mixed batch (``adapter_names=names``). Before timing, the mixed outputs of lorafx
+and PEFT are compared. Writes ``benchmarks/results/multi_model.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -81,10 +90,96 @@ def bench(n: int, T: int, d: int, r: int, repeats: int) -> dict:
     return {"n": n, "ms": {k: v * 1e3 for k, v in t.items()}, "vs_single": {k: v / t["single"] for k, v in t.items()}}
 
 
+def _model_contenders(n: int, rows: int, seq: int, tmp: Path) -> tuple[dict, float]:
+    """The five forwards of ``--model`` for n adapters, and max |lorafx − PEFT| of the mixed logits."""
+    import copy
+
+    import peft
+
+    import lorafx
+    from lorafx.cli.models import bench_llama
+
+    base = bench_llama().eval()
+    model = copy.deepcopy(base)
+    names = [f"a{i}" for i in range(n)]
+    for name in names:
+        cfg = lorafx.LoRA(r=16, alpha=32, init="random")
+        model = lorafx.apply(model, lorafx.Spec(cfg, targets="all-linear"), name=name)
+        lorafx.to_peft(model, tmp / name, name=name)
+    model.eval()
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        pm.load_adapter(tmp / name, adapter_name=name)
+    pm.eval()
+    lorafx.set_adapter(model, names[0])
+    pm.set_adapter(names[0])
+    per_row = [names[i % n] for i in range(rows)]
+    ids = torch.randint(0, base.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(n))
+
+    def mixed():
+        with lorafx.using_adapter(model, per_row):
+            return model(ids).logits
+
+    fns = {
+        "base": lambda: base(ids).logits,
+        "lorafx_single": lambda: model(ids).logits,
+        "lorafx_mixed": mixed,
+        "peft_single": lambda: pm(input_ids=ids).logits,
+        "peft_mixed": lambda: pm(input_ids=ids, adapter_names=per_row).logits,
+    }
+    with torch.no_grad():
+        diff = float((fns["lorafx_mixed"]() - fns["peft_mixed"]()).abs().max())
+    return fns, diff
+
+
+def bench_model(n: int, rows: int, seq: int, repeats: int) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        fns, diff = _model_contenders(n, rows, seq, Path(tmp))
+        t = interleaved_medians(fns, repeats, warmup=1)
+    return {
+        "n": n,
+        "max_abs_diff_vs_peft": diff,
+        "ms": {k: v * 1e3 for k, v in t.items()},
+        "vs_base": {k: v / t["base"] for k, v in t.items()},
+        "lorafx_mixed_vs_single": t["lorafx_mixed"] / t["lorafx_single"],
+        "peft_mixed_vs_single": t["peft_mixed"] / t["peft_single"],
+    }
+
+
+def main_model(repeats: int, rows: int = 16, seq: int = 128) -> int:
+    results = [bench_model(n, rows, seq, repeats) for n in (4, 16)]
+    lines = [
+        f"Benchmark Llama (hidden 1024, 4 layers, vocab 32000), one {rows} × {seq}-token forward, inference, rows "
+        f"cycling through n LoRA adapters (r = 16, all linear layers); CPU ({torch.get_num_threads()} threads, "
+        f"machine shared with other jobs), median of {repeats} interleaved runs, ratios to the base model.",
+        "",
+        "| adapters n | base (ms) | lorafx one adapter | lorafx mixed | PEFT one adapter | PEFT `adapter_names=` | "
+        "lorafx mixed / one | PEFT mixed / one | max abs diff lorafx vs PEFT |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        v = r["vs_base"]
+        lines.append(
+            f"| {r['n']} | {r['ms']['base']:.0f} | {v['lorafx_single']:.3f}× | {v['lorafx_mixed']:.3f}× | "
+            f"{v['peft_single']:.3f}× | {v['peft_mixed']:.3f}× | {r['lorafx_mixed_vs_single']:.3f} | "
+            f"{r['peft_mixed_vs_single']:.3f} | {r['max_abs_diff_vs_peft']:.1e} |"
+        )
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_results("multi_model", {"rows": rows, "seq": seq, "repeats": repeats, "results": results}, md)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="d = 256, T = 128, few repeats")
+    p.add_argument("--model", action="store_true", help="per-row adapters on the benchmark Llama (see the docstring)")
+    p.add_argument("--repeats", type=int, default=7, help="--model: timed runs per contender")
     args = p.parse_args(argv)
+    if args.model:
+        return main_model(args.repeats)
     d, T, repeats = (256, 128, 5) if args.quick else (1024, 512, 25)
     rows = [bench(n, T, d, 16, repeats) for n in (1, 4, 16)]
     lines = [

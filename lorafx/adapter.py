@@ -185,10 +185,17 @@ class SiteAdapters(nn.Module):
     # value, so every switch recompiled. ``forward`` reads only ``_slot``, the active adapter module
     # kept outside ``_modules`` (no duplicate state_dict keys); Dynamo guards its *type* only and
     # lifts its parameters as graph inputs, so switching between adapters of one variant is free.
-    active = _PicksSlot("Name of the active adapter at this site (None: disabled).")
-    merged = _PicksSlot("Name of the adapter folded into the base weight, or None.")
+    active = _PicksSlot("Name of the active adapter at this site (None: disabled; a tuple: several, summed).")
+    merged = _PicksSlot("Name of the adapter folded into the base weight (a tuple: several, summed), or None.")
 
     def _update_slot(self) -> None:
+        if isinstance(self._active, tuple):  # several active adapters (lorafx.several): their sum
+            from lorafx.several import SumOfAdapters
+
+            present = {n: self.adapters[n] for n in self._active if n in self.adapters}
+            on = self._merged is None and present
+            self.__dict__["_slot"] = SumOfAdapters(self.site, present) if on else None
+            return
         on = self._active is not None and self._merged is None and self._active in self.adapters
         self.__dict__["_slot"] = self.adapters[self._active] if on else None
 

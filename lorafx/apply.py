@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafx import moe, site_kinds, state
+from lorafx import moe, rows, site_kinds, state
 from lorafx.adapter import Adapter, SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.passes.insert_adapters import CONTAINER, carry_hooks, insert_adapters, site_key
@@ -283,6 +283,7 @@ def _commit(prep: Prepared, activate: bool, undo: list) -> nn.Module:
         _refuse_resize(root, head, undo)
     if hasattr(root, "save_pretrained"):
         _refuse_save_pretrained(root, undo)
+    rows.install_adapter_names_hooks(root, undo)  # PEFT's adapter_names= keyword: per-row, never ignored
     for layer in sorted({s.slow_path for s in prep.plan.selected.values() if s.slow_path is not None}):
         _turn_off_fast_path(root.get_submodule(layer), undo)
     for p in root.parameters():

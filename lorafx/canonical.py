@@ -71,6 +71,9 @@ class Lowered(NamedTuple):
     gate: Tensor | None = None  # [..., R]; None = no gate
     base: Callable | None = None  # replaces F.linear(x, W, b) for the frozen term (CE-LoRA's backward)
     h: Tensor | None = None  # x_in Aᵉᵀ precomputed a cheaper, equal way ([..., R]; MoR's one shared shrink)
+    # Per-row adapters (lorafx.rows): token t gets adapter rows[t] of the [n, R, d_in]/[n, d_out, R]
+    # stacks with scale[rows[t]] (< 0: base only), through torch.ops.lorafx.lora_linear_multi.
+    rows: Tensor | None = None
 
 
 def shrink(x_in: Tensor, A: Tensor, gate: Tensor | None = None, h: Tensor | None = None) -> Tensor:
@@ -129,6 +132,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | N
     """
     if low is None:
         return F.linear(x, weight, bias)
+    if low.rows is not None:  # registered by lorafx.rows, the only maker of such a Lowered
+        return torch.ops.lorafx.lora_linear_multi(x, weight, bias, low.A, low.B, low.scale, low.rows)
     y = F.linear(x, weight, bias) if low.base is None else low.base(x, weight, bias)
     return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale, inplace)
 
@@ -146,6 +151,8 @@ def quantized_lora_linear(x: Tensor, sites, low: Lowered | None) -> Tensor:
     y = sites.base_forward(x)
     if low is None:
         return y
+    if low.rows is not None:
+        raise NotImplementedError(f"site {sites.site!r}: per-row adapters over a quantized base are not supported")
     return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale)
 
 

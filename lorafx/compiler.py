@@ -10,10 +10,13 @@ active or on its values, so these never recompile:
 * ``lorafx.load_adapter`` / copying into adapter parameters: parameters are inputs, guarded on
   shape, dtype and ``requires_grad`` only.
 * ``lorafx.set_scale``: the scale is a 0-dim tensor buffer (``Adapter.scale``), not a Python float.
+* a new per-row assignment (``lorafx.using_adapter(model, [names])`` with as many names as before, in
+  eval mode): each site keeps one :class:`lorafx.rows.RowSlot` and only its index tensor's values change.
 
 What does recompile, once each: disabling adapters (``set_adapter(model, None)``), merge/unmerge, a
-switch to an adapter of another variant or rank at some site, and a new input shape (use
-``dynamic=True`` for varying sequence lengths).
+switch to an adapter of another variant or rank at some site, a new combination of several active
+adapters (``set_adapter(model, [names])``), entering or leaving per-row mode, and a new input shape
+(use ``dynamic=True`` for varying sequence lengths).
 
 :func:`compile` adds two whole-graph passes on top: the sibling shrink fusion
 (``lorafx.passes.fuse_shrinks``) and the kernel choice (:func:`use_kernels`, through the

@@ -17,6 +17,7 @@ from lorafx import state
 from lorafx.adapter import SiteAdapters
 from lorafx.errors import NotMergeableError, SpecError
 from lorafx.quantized import dense_linear, dequantized_weight, quantized_kind, requantized, swap_base
+from lorafx.several import names_of
 from lorafx.state import iter_sites
 
 
@@ -29,11 +30,18 @@ def _acc(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.promote_types(w.dtype, torch.float32))
 
 
-def _delta(sa: SiteAdapters, name: str) -> torch.Tensor:
-    delta = sa.adapters[name].delta_weight()
+def _delta(sa: SiteAdapters, name: str | tuple[str, ...]) -> torch.Tensor:
+    """ΔW of adapter ``name`` at ``sa``; for several active adapters (a tuple), the sum of the ΔW of
+    those the site has, accumulated in fp32 (PEFT's semantics: their deltas add)."""
+    deltas = [sa.adapters[n].delta_weight() for n in names_of(name) if n in sa.adapters]
+    delta = functools.reduce(torch.add, deltas)
     if sa.weight_shape is not None:  # a convolution: ΔW [C_out, C_in·∏k] is its kernel, flattened
         return delta.reshape(sa.weight_shape)
     return delta.t() if sa.fan_in_fan_out else delta
+
+
+def _has(sa: SiteAdapters, name: str | tuple[str, ...]) -> bool:
+    return any(n in sa.adapters for n in names_of(name))
 
 
 def mergeable_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteAdapters]]:
@@ -45,7 +53,7 @@ def mergeable_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteA
     name = state.get(model).active
     if name is None:
         raise SpecError(f"{prefix}no active adapter to merge; lorafx.set_adapter(model, name) first")
-    sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
+    sites = [sa for sa in iter_sites(model).values() if _has(sa, name)]
     if any(sa.merged is not None for sa in sites):
         raise SpecError(f"{prefix}adapter {name!r} is already merged; lorafx.unmerge(model) first")
     return name, sites
@@ -109,9 +117,10 @@ def merge(model: nn.Module, keep_original: bool = False) -> None:
 
 def _checked_sites(model: nn.Module, caller: str = "") -> tuple[str, list[SiteAdapters]]:
     name, sites = mergeable_sites(model, caller)
-    bad = [sa for sa in sites if not sa.adapters[name].config.mergeable()]
+    here = [(sa, sa.adapters[n]) for sa in sites for n in names_of(name) if n in sa.adapters]
+    bad = [sa for sa, a in here if not a.config.mergeable()]
     if bad:
-        variants = sorted({sa.adapters[name].config.name for sa in bad})
+        variants = sorted({a.config.name for _, a in here if not a.config.mergeable()})
         raise NotMergeableError(
             f"adapter {name!r} (variant {', '.join(map(repr, variants))}) cannot be merged at sites "
             f"{[sa.site for sa in bad]}: its gate depends on the input"

@@ -22,6 +22,7 @@ from torch import nn
 from lorafx.adapter import SiteAdapters
 from lorafx.errors import SpecError
 from lorafx.saved_modules import iter_saved
+from lorafx.several import names_of
 
 SHARED = "lorafx_shared"  # root submodule holding model-level shared modules
 _KEY = "_lorafx"
@@ -66,8 +67,11 @@ def put(model: nn.Module, data: AdapterState | None) -> None:
 
 
 def require(model: nn.Module, name: str) -> AdapterState:
-    """The state of ``model``, after checking that it holds an adapter called ``name``."""
+    """The state of ``model``, after checking that it holds an adapter called ``name``. A tuple (what
+    ``active`` holds while several adapters are active) is refused: the caller wants one adapter."""
     data = get(model)
+    if isinstance(name, tuple):
+        raise SpecError(f"adapters {list(name)} are active together; name the one adapter meant (name=...)")
     if name not in data.specs:
         raise SpecError(f"no adapter named {name!r}; adapters on this model: {sorted(data.specs)}")
     return data
@@ -168,31 +172,65 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @locked
-def set_adapter(model: nn.Module, name: str | None) -> None:
+def set_adapter(model: nn.Module, name: str | None | list[str]) -> None:
     """Make ``name`` the active adapter at every site (sites without it run the base weight only).
 
     Switching changes no graph and re-traces nothing; ``None`` disables all adapters. Only the
-    active adapter's parameters require grad.
+    active adapter's parameters require grad. A list activates several adapters at once, their deltas
+    summed (PEFT's ``set_adapter([...])``; see :mod:`lorafx.several`): all of them require grad, and
+    :func:`lorafx.merge` folds their sum.
     """
-    data = get(model) if name is None else require(model, name)
+    if isinstance(name, list | tuple):
+        names = tuple(dict.fromkeys(name))
+        if not names:
+            raise SpecError("set_adapter: an empty list of adapter names (None disables all adapters)")
+        for n in names:
+            require(model, n)
+        name = names[0] if len(names) == 1 else names
+    data = get(model) if name is None or isinstance(name, tuple) else require(model, name)
+    active = set(names_of(name))
     sites = iter_sites(model)
-    merged = sorted({sa.merged for sa in sites.values() if sa.merged is not None})
+    merged = sorted({sa.merged for sa in sites.values() if sa.merged is not None}, key=str)
     if merged and name != merged[0]:
         raise SpecError(
             f"adapter {merged[0]!r} is merged into the base weights; lorafx.unmerge(model) before switching"
         )
+    if isinstance(name, tuple):  # several active adapters sum in the canonical form of linear sites only
+        mixed = [
+            sa.site
+            for sa in sites.values()
+            if sa.kind not in ("linear", "router") and len(set(name) & set(sa.adapters)) > 1
+        ]
+        if mixed:
+            raise SpecError(
+                f"set_adapter: adapters {list(name)} cannot be active together at sites {mixed[:3]} (conv, embedding, "
+                "MultiheadAttention or expert sites take one adapter at a time). Nothing was changed"
+            )
+    # modules_to_save: one copy runs per saved module, so several active adapters may own at most one
+    owner = {}
+    for fqn, saved in iter_saved(model).items():
+        owners = [n for n in names_of(name) if n in saved.copies]
+        if len(owners) > 1:
+            raise SpecError(
+                f"set_adapter: adapters {owners} each have their own copy of {fqn!r} (modules_to_save) and only "
+                "one copy can run; activate them one at a time. Nothing was changed"
+            )
+        owner[id(saved)] = owners[0] if owners else None
     # One pass over the sites (not one per adapter name): with 120 adapters on a 7-site Llama layer,
     # the per-name walk made a switch cost 0.77 s; this one takes milliseconds.
     for sa in sites.values():
         for other, adapter in sa.adapters.items():
-            adapter.requires_grad_(other == name)
-        sa.active = name if name in sa.adapters else None
+            adapter.requires_grad_(other in active)
+        if isinstance(name, tuple):
+            sa.active = name
+        else:
+            sa.active = name if name in sa.adapters else None
     for key, m in shared_modules(model).items():
-        m.requires_grad_(split_shared_key(key)[0] == name)
+        m.requires_grad_(split_shared_key(key)[0] in active)
     for saved in iter_saved(model).values():  # modules_to_save: the adapter's own copy runs and trains
         for other, twin in saved.copies.items():
-            twin.requires_grad_(other == name)
-        saved.active = name
+            twin.requires_grad_(other == owner.get(id(saved)))
+        saved.active = owner.get(id(saved))
     data.active = name
 
 
@@ -206,15 +244,16 @@ def set_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
     name = get(model).active if name is None else name
     require(model, name)
     sites = [sa for sa in iter_sites(model).values() if name in sa.adapters]
-    if any(sa.merged == name for sa in sites):
+    if any(name in names_of(sa.merged) for sa in sites):
         raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before changing its scale")
     for sa in sites:
         sa.adapters[name].scale = scale
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """Name of the active adapter (None when disabled)."""
-    return get(model).active
+def active_adapter(model: nn.Module) -> str | None | list[str]:
+    """Name of the active adapter (None when disabled; a list when several are active)."""
+    active = get(model).active
+    return list(active) if isinstance(active, tuple) else active
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -227,13 +266,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters (the rewritten graphs stay; sites fall back to base)."""
     data = require(model, name)
     sites = iter_sites(model).values()
-    if any(sa.merged == name for sa in sites):
+    if any(name in names_of(sa.merged) for sa in sites):
         raise SpecError(f"adapter {name!r} is merged; lorafx.unmerge(model) before deleting it")
     for sa in sites:
         if name in sa.adapters:
             del sa.adapters[name]
             if sa.active == name:
                 sa.active = None
+        if isinstance(sa.active, tuple):  # several active: the others stay active
+            sa.active = _without(sa.active, name)
     for saved in iter_saved(model).values():
         if name in saved.copies:
             del saved.copies[name]
@@ -244,6 +285,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del data.specs[name]
     if data.active == name:
         data.active = None
+    elif isinstance(data.active, tuple):
+        data.active = _without(data.active, name)
+
+
+def _without(active: tuple[str, ...], name: str) -> str | tuple[str, ...] | None:
+    rest = tuple(n for n in active if n != name)
+    return rest if len(rest) > 1 else (rest[0] if rest else None)
 
 
 def step(model: nn.Module) -> None:

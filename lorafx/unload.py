@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorafx import state
+from lorafx import rows, state
 from lorafx.apply import RefusedEdit, _slow_path, swap_regions
 from lorafx.errors import LorafxError, SpecError
 from lorafx.merge import is_merged, merge, merge_dequantized, unmerge
@@ -56,6 +56,7 @@ def _strip(root: nn.Module) -> None:
         for hid, hook in list(m._forward_pre_hooks.items()):
             if hook is _slow_path:
                 del m._forward_pre_hooks[hid]
+        rows.remove_adapter_names_hooks(m)
 
 
 @state.locked

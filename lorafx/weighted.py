@@ -204,6 +204,11 @@ def add_weighted_adapter(
         model, adapters, weights, name, combination, svd_rank, density, majority_sign_method, svd_clamp
     )
     sites = {fqn: sa for fqn, sa in state.iter_sites(model).items() if any(n in sa.adapters for n in adapters)}
+    experts = [fqn for fqn, sa in sites.items() if sa.kind == "expert"]
+    if experts:  # one pair per expert ([E, r, d_in]): the combinations here are written for one ΔW per site
+        raise SpecError(
+            f"add_weighted_adapter: MoE expert sites {experts[:3]} are not supported; the model is unchanged"
+        )
     found = {fqn: _sources(sa, adapters, weights, combination) for fqn, sa in sites.items()}
     # PEFT's default svd rank is the largest rank over the sources' configs, not per site
     rank = svd_rank or max(A.shape[0] for src in found.values() for _, A, _, _ in src)

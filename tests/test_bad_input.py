@@ -501,7 +501,45 @@ CASES = [
         SpecError,
         ("LlamaForCausalLM", "lorafx.apply"),
     ),
+    # -- several adapters: per row and summed (lorafx/rows.py, lorafx/several.py) -----------------
+    Case(
+        "per-row adapters: batch neither the names' count nor a multiple",
+        call(lambda m: _per_row_forward(m, ["default", None], batch=3), adapted),
+        SpecError,
+        (Q, "for 2 rows", "batch has 3 rows"),
+    ),
+    Case(
+        "per-row adapters: unknown name",
+        call(lambda m: _per_row_forward(m, ["default", "nope"], batch=2), adapted),
+        SpecError,
+        ("no adapter named 'nope'",),
+    ),
+    Case(
+        "several active: unknown name",
+        call(lambda m: lorafx.set_adapter(m, ["default", "nope"]), adapted),
+        SpecError,
+        ("no adapter named 'nope'",),
+    ),
+    Case(
+        "several active: save_adapter without a name",
+        call(lambda m: lorafx.save_adapter(m, tempfile.mkdtemp()), lambda: _two_active(adapted())),
+        SpecError,
+        ("['default', 'b']", "are active together", "name="),
+    ),
 ]
+
+
+def _per_row_forward(model, names, batch):
+    with torch.no_grad(), lorafx.using_adapter(model, names):
+        model(torch.zeros(batch, 3, dtype=torch.long))
+
+
+def _two_active(model):
+    model = lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=2), targets=["q_proj"]), name="b")
+    lorafx.set_adapter(model, ["default", "b"])
+    return model
+
+
 if "mor" in example_configs():
     CASES.append(
         Case(
@@ -511,6 +549,17 @@ if "mor" in example_configs():
             ),
             NotMergeableError,
             (Q, "'mor'"),
+        ),
+    )
+    CASES.append(
+        Case(
+            "per-row adapters with a gated variant (MoR)",
+            call(
+                lambda m: _per_row_forward(m, ["default", None], batch=2),
+                lambda: lorafx.apply(llama(), lorafx.Spec(example_configs()["mor"], targets=["q_proj"])),
+            ),
+            SpecError,
+            (Q, "variant 'mor'", "cannot run per row"),
         ),
     )
 

@@ -296,3 +296,23 @@ def test_inspect_counts_conv_per_output_position_and_embedding_without_its_looku
     assert rows["emb"].flops_per_token == 2 * 2 * 8  # h = Aᵀ[ids] is a gather; only h Bᵀ multiplies
     assert rows["c2"].flops_per_token == 2 * 2 * (3 * 3 * 3 + 5)  # x Aᵀ over a 3×3×3 receptive field, then B
     assert (rows["c2"].module_type, rows["emb"].module_type) == ("Conv2d", "Embedding")
+
+
+def test_several_active_and_per_row_are_refused_at_conv_and_embedding_sites():
+    """Several active adapters and per-row adapters sum or gather in the canonical form of linear
+    sites; at conv and embedding sites they are refused by name, and the model keeps running adapter a."""
+    spec = lorafx.Spec(lorafx.LoRA(r=2, init="random"), targets=TARGETS)
+    model = lorafx.apply(lorafx.apply(_base(), spec, name="a"), spec, name="b")
+    lorafx.set_adapter(model, "a")
+    ids, img, vol = _inputs()
+    before = model(ids, img, vol)
+    with pytest.raises(SpecError, match=r"cannot be active together at sites \['emb'"):
+        lorafx.set_adapter(model, ["a", "b"])
+    assert lorafx.active_adapter(model) == "a"
+    with pytest.raises(
+        SpecError, match="per-row adapters run on linear sites only, .emb. is a site of kind .embedding."
+    ):
+        with lorafx.using_adapter(model, ["a", "b"]):
+            model(ids, img, vol)
+    assert lorafx.active_adapter(model) == "a"
+    assert torch.equal(model(ids, img, vol), before)

@@ -28,6 +28,8 @@ def op_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered 
     """
     if low is None:
         return F.linear(x, weight, bias)
+    if low.rows is not None:  # per-row adapters (lorafx.rows): the segmented op, Triton on CUDA
+        return torch.ops.lorafx.lora_linear_multi(x, weight, bias, low.A, low.B, low.scale, low.rows)
     if low.base is not None:
         return canonical.lora_linear(x, weight, bias, low)
     s = low.scale if isinstance(low.scale, Tensor) else torch.tensor(float(low.scale), device=x.device)
