@@ -77,7 +77,7 @@ def decode_main(args) -> None:
     new = 8 if args.quick else 32
     steps = None if args.no_compile else compiled_steps(base, fx_model, peft_model)
     rows, data = [], {}
-    for batch in (1, 8):
+    for batch in args.batches:
         ids = torch.randint(0, base.config.vocab_size, (batch, 4))
         modes = {"eager": {k: generate_fn(m, ids, new) for k, m in models.items()}}
         if steps is not None:
@@ -106,7 +106,7 @@ def decode_main(args) -> None:
         "",
     ]
     data["config"] = {"quick": args.quick, "new_tokens": new, "repeats": repeats, "r": 16}
-    path = write_results("overhead_decode" + ("_quick" if args.quick else ""), data, "\n".join(md))
+    path = write_results("overhead_decode" + ("_quick" if args.quick else "") + args.tag, data, "\n".join(md))
     print("\n".join(md))
     print(f"written {path}")
 
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--decode", action="store_true", help="KV-cache decoding rows instead (batch 1 and 8)")
     ap.add_argument("--no-compile", action="store_true", help="with --decode: eager rows only")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="with --decode: batch sizes")
+    ap.add_argument("--tag", default="", help="with --decode: suffix of the results file name")
     args = ap.parse_args()
     if args.decode:
         return decode_main(args)
