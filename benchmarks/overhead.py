@@ -6,6 +6,10 @@ ratio to the base model, and the median train step (forward + backward + Adam on
 lorafx relative to PEFT. The added FLOPs of the adapters are ~2% of the base model's.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--repeats N]
+    .venv/bin/python benchmarks/overhead.py --decode [--quick] [--repeats N] [--no-compile]
+
+``--decode`` times KV-cache decoding instead (batch 1 and 8, eager ``generate`` and a compiled static-cache
+loop; see ``benchmarks/_decode.py``) and writes ``results/overhead_decode.{json,md}``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _decode import compiled_steps, generate_fn, static_decode_fn  # noqa: E402
 from common import interleaved_medians, write_results  # noqa: E402
 
 import lorafx  # noqa: E402
@@ -61,11 +66,62 @@ def train_step_fn(model, ids):
     return step
 
 
+def decode_main(args) -> None:
+    """Per-token decode time of base, lorafx and PEFT at batch 1 and 8, eager and compiled."""
+    repeats = args.repeats or (3 if args.quick else 9)
+    torch.manual_seed(0)
+    base, fx_model, peft_model = build(args.quick)
+    models = {"base": base, "lorafx": fx_model, "peft": peft_model}
+    for m in models.values():
+        m.eval()
+    new = 8 if args.quick else 32
+    steps = None if args.no_compile else compiled_steps(base, fx_model, peft_model)
+    rows, data = [], {}
+    for batch in args.batches:
+        ids = torch.randint(0, base.config.vocab_size, (batch, 4))
+        modes = {"eager": {k: generate_fn(m, ids, new) for k, m in models.items()}}
+        if steps is not None:
+            modes["compiled"] = {k: static_decode_fn(m, steps[k], ids, new) for k, m in models.items()}
+            for k, fn in modes["compiled"].items():  # compiles; and the compiled step decodes as eager does
+                if not torch.equal(fn(), static_decode_fn(models[k], models[k], ids, new)()):
+                    raise RuntimeError(f"compiled {k} decodes other tokens than eager {k} (batch {batch})")
+        for mode, fns in modes.items():
+            t = {k: v / new for k, v in interleaved_medians(fns, repeats).items()}
+            data[f"{mode}_batch{batch}"] = {"ms_per_token": {k: v * 1e3 for k, v in t.items()}}
+            data[f"{mode}_batch{batch}"]["ratio_to_base"] = {k: v / t["base"] for k, v in t.items()}
+            rows.append(
+                f"| {mode}, batch {batch} | {t['base'] * 1e3:.2f} | {t['lorafx'] * 1e3:.2f} | {t['peft'] * 1e3:.2f} "
+                f"| {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
+            )
+    flops = added_flop_ratio(fx_model)
+    md = [
+        f"KV-cache decoding, greedy, prompt 4 tokens + {new} new, same model and LoRA r = 16 on all linears "
+        f"(adapters add {flops * 100:.1f}% of the FLOPs and weight bytes); eager = `generate` (dynamic cache), "
+        f"compiled = `torch.compile`d decode step over a `StaticCache`. Medians of {repeats} interleaved runs, "
+        f"{torch.get_num_threads()} CPU threads.",
+        "",
+        "| decode | base ms/token | lorafx ms/token | PEFT ms/token | lorafx / base | PEFT / base |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    data["config"] = {"quick": args.quick, "new_tokens": new, "repeats": repeats, "r": 16}
+    path = write_results("overhead_decode" + ("_quick" if args.quick else "") + args.tag, data, "\n".join(md))
+    print("\n".join(md))
+    print(f"written {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, few repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--decode", action="store_true", help="KV-cache decoding rows instead (batch 1 and 8)")
+    ap.add_argument("--no-compile", action="store_true", help="with --decode: eager rows only")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="with --decode: batch sizes")
+    ap.add_argument("--tag", default="", help="with --decode: suffix of the results file name")
     args = ap.parse_args()
+    if args.decode:
+        return decode_main(args)
     repeats = args.repeats or (3 if args.quick else 15)
     torch.manual_seed(0)
     base, fx_model, peft_model = build(args.quick)

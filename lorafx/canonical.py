@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from lorafx.seeded_dropout import Dropped, dropped_shrink
+
 # ---- site implementations ------------------------------------------------------------------------
 # A rewritten site is one ``call_function`` node ``impl(x, W, b, low)``. Every function that may stand
 # there is registered here, by name, so that "is this node a lorafx site?" has one answer for every
@@ -74,10 +76,15 @@ class Lowered(NamedTuple):
     # Per-row adapters (lorafx.rows): token t gets adapter rows[t] of the [n, R, d_in]/[n, d_out, R]
     # stacks with scale[rows[t]] (< 0: base only), through torch.ops.lorafx.lora_linear_multi.
     rows: Tensor | None = None
+    drop: Dropped | None = None  # how x was dropped into x_in (seed): the shrink then saves x, not x_in
 
 
-def shrink(x_in: Tensor, A: Tensor, gate: Tensor | None = None, h: Tensor | None = None) -> Tensor:
-    """``(x_in Aᵀ) ⊙ g`` ``[..., R]`` in A's dtype; ``h`` replaces ``x_in Aᵀ`` when given.
+def shrink(
+    x_in: Tensor, A: Tensor, gate: Tensor | None = None, h: Tensor | None = None, drop: Dropped | None = None
+) -> Tensor:
+    """``(x_in Aᵀ) ⊙ g`` ``[..., R]`` in A's dtype; ``h`` replaces ``x_in Aᵀ`` when given; with ``drop``
+    (the :class:`~lorafx.seeded_dropout.Dropped` record of ``x_in``) the backward rebuilds ``x_in``
+    from ``x`` and the seed instead of keeping it.
 
     A ``[rows, R, d_in]`` stack takes ``x_in`` as ``rows`` equal blocks of tokens (one adapter per
     block) and returns ``[rows, T/rows, R]``; ``bmm`` exports to one ONNX MatMul where ``matmul`` adds
@@ -90,8 +97,10 @@ def shrink(x_in: Tensor, A: Tensor, gate: Tensor | None = None, h: Tensor | None
         else:
             h = h.reshape(rows, -1, A.shape[1])
         return h if gate is None else h * gate.reshape(h.shape)
-    if h is None:
-        h = F.linear(x_in.to(A.dtype), A)
+    if h is None and drop is not None and drop.x_in is x_in and torch.is_grad_enabled():
+        h = dropped_shrink(drop, A)
+    if h is None:  # a no-op .to() still costs a dispatch (~1 µs per site per decode step)
+        h = F.linear(x_in if x_in.dtype == A.dtype else x_in.to(A.dtype), A)
     return h if gate is None else h * gate
 
 
@@ -109,7 +118,8 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
         h, alpha = h * alpha.to(h.dtype), 1.0
     d_out = B.shape[0]
     if inplace and y.dtype == B.dtype and h.dtype == B.dtype and y.is_contiguous():
-        y.view(-1, d_out).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=alpha)
+        y2 = y if y.dim() == 2 else y.view(-1, d_out)
+        y2.addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), B.t(), alpha=alpha)
         return y
     delta = F.linear(h, B.to(h.dtype))
     if alpha != 1.0:
@@ -135,7 +145,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered | N
     if low.rows is not None:  # registered by lorafx.rows, the only maker of such a Lowered
         return torch.ops.lorafx.lora_linear_multi(x, weight, bias, low.A, low.B, low.scale, low.rows)
     y = F.linear(x, weight, bias) if low.base is None else low.base(x, weight, bias)
-    return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale, inplace)
+    return expand(y, shrink(low.x, low.A, low.gate, low.h, low.drop), low.B, low.scale, inplace)
 
 
 def quantized_lora_linear(x: Tensor, sites, low: Lowered | None) -> Tensor:
@@ -153,7 +163,7 @@ def quantized_lora_linear(x: Tensor, sites, low: Lowered | None) -> Tensor:
         return y
     if low.rows is not None:
         raise NotImplementedError(f"site {sites.site!r}: per-row adapters over a quantized base are not supported")
-    return expand(y, shrink(low.x, low.A, low.gate, low.h), low.B, low.scale)
+    return expand(y, shrink(low.x, low.A, low.gate, low.h, low.drop), low.B, low.scale)
 
 
 # Quantized sites (``impl(x, sites, low)``) by site-implementation name: "composite" is the function

@@ -59,4 +59,5 @@ class DropLoRAAdapter(LoRAAdapter):
             # The mask is a graph value, so backward (and checkpoint recomputation of this node) reuses it.
             keep = torch.empty(*x.shape[:-1], self.config.r, device=x.device, dtype=self.lora_A.dtype)
             gate = keep.bernoulli_(1.0 - p) / (1.0 - p)
-        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale, gate)
+        x_in, drop = self.dropped(x)
+        return Lowered(x_in, self.lora_A, self.lora_B, self.scale_arg(), gate, drop=drop)

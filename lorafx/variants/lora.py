@@ -16,6 +16,7 @@ from torch import nn
 
 from lorafx.adapter import Adapter, Lowered
 from lorafx.config import AdapterConfig, register_variant
+from lorafx.seeded_dropout import Dropped, seeded_dropout
 from lorafx.variants.checks import check_init, check_rank_alpha_dropout
 
 
@@ -108,7 +109,27 @@ class LoRAAdapter(Adapter):
         init_lora_pair(self.lora_A, self.lora_B, config.init)
 
     def lower(self, x: torch.Tensor) -> Lowered:
-        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale)
+        # Eager decoding runs this once per site per token: the parameters are read from their dict
+        # (Module.__getattr__ is a failed attribute lookup first) and the dropout module is called only
+        # when it can act; traced calls keep the plain form, so compiled graphs and guards stay as before.
+        if torch.compiler.is_compiling():
+            return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale)
+        A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
+        if A is None or B is None:  # not plain parameters (a parametrization, FSDP's views): ask the module
+            A, B = self.lora_A, self.lora_B
+        x_in, drop = self.dropped(x)
+        return Lowered(x_in, A, B, self.scale_arg(), drop=drop)
+
+    def dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, Dropped | None]:
+        """``(x_in, record)``: ``x`` after the input dropout. In eager training the mask comes from a seed
+        (:mod:`lorafx.seeded_dropout`: the shrink then keeps the seed, not a dropped copy of ``x``);
+        traced calls use ``nn.Dropout`` (record None); with no dropout acting, ``(x, None)``."""
+        if not self.training:
+            return x, None
+        if torch.compiler.is_compiling() or not isinstance(self.dropout, nn.Dropout) or self.dropout.p == 0:
+            return self.dropout(x), None
+        drop = seeded_dropout(x, self.dropout.p)
+        return drop.x_in, drop
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A, self.lora_B, self.scale

@@ -1,0 +1,93 @@
+"""The eager per-site hot path (decoding): no work per call that can be done once, and never stale.
+
+References: the aten ops a site runs (counted with a dispatch mode), hand-written LoRA formulas, and
+the adapted model's own outputs before and after every state change that the eager scale float must
+follow (set_scale, an in-place write to the buffer, dtype moves, state-dict loads, inference tensors).
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorafx
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _site(dropout=0.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10, bias=False))
+    model = lorafx.apply(
+        model, lorafx.Spec(lorafx.LoRA(r=3, alpha=6, dropout=dropout, init="random"), targets="all-linear")
+    )
+    sa = next(iter(lorafx.iter_sites(model).values()))
+    return model.eval(), sa.adapters["default"]
+
+
+def _base_weight(model):
+    return next(p for n, p in model.named_parameters() if n.endswith("weight") and "adapters" not in n)
+
+
+def _reference(adapter, x, W, scale):
+    return F.linear(x, W) + scale * F.linear(F.linear(x, adapter.lora_A), adapter.lora_B)
+
+
+def test_eval_site_runs_three_matmuls_and_no_scale_multiply():
+    model, adapter = _site(dropout=0.1)
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad(), _CountOps() as counter:
+        y = model(x)
+    ops = counter.ops
+    assert ops.count("mm") + ops.count("addmm") + ops.count("addmm_") == 3, ops
+    assert "mul" not in ops and "_to_copy" not in ops and "native_dropout" not in ops, ops
+    assert_close(y, _reference(adapter, x, _base_weight(model), 2.0))
+
+
+def test_eager_scale_follows_every_write():
+    model, adapter = _site()
+    W = _base_weight(model)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert adapter.scale_arg() == 2.0
+        lorafx.set_scale(model, 0.5)
+        assert_close(model(x), _reference(adapter, x, W, 0.5))
+        adapter.scale_t.fill_(3.0)  # behind lorafx's back: the version counter tells
+        assert adapter.scale_arg() == 3.0
+        assert_close(model(x), _reference(adapter, x, W, 3.0))
+        state = copy.deepcopy(model.state_dict())
+        lorafx.set_scale(model, 1.25)
+        model.load_state_dict(state)
+        assert_close(model(x), _reference(adapter, x, W, 3.0))
+        model.double()
+        assert adapter.scale_arg() == 3.0 and adapter.scale_t.dtype == torch.float64
+        assert_close(model(x.double()), _reference(adapter, x.double(), W, 3.0), torch.float64)
+        model.float()
+        with torch.inference_mode():
+            model.to(torch.float32)  # a fresh buffer made under inference mode keeps no version counter
+            assert isinstance(adapter.scale_arg(), torch.Tensor)
+            assert_close(model(x), _reference(adapter, x, W, 3.0))
+
+
+def test_traced_calls_get_the_scale_tensor():
+    _, adapter = _site()
+    seen = []
+
+    def grab(x):
+        seen.append(adapter.lower(x).scale)
+        return x
+
+    torch.compile(grab, backend="eager", fullgraph=True)(torch.randn(2, 12))
+    assert seen and isinstance(seen[0], torch.Tensor)
+    assert isinstance(adapter.lower(torch.randn(2, 12)).scale, float)
