@@ -31,13 +31,11 @@ from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
-from lorafx.files import staged_directory
+from lorafx.export.target import MANIFEST, ExportTarget
 from lorafx.regions import is_region
 from lorafx.state import eval_mode
 
 __all__ = ["IDS", "MANIFEST", "MODEL_FILE", "MODES", "ExportResult", "run_exporter", "to_onnx"]
-
-MANIFEST = "lorafx_export.json"
 
 
 @dataclass
@@ -67,7 +65,9 @@ def to_onnx(
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors (e.g.
             ``{"input_ids": ids, "attention_mask": mask}``); dict keys become input names. Use a
             batch of at least 2 so the batch axis stays dynamic.
-        path: output directory (created).
+        path: output directory (created; ``model.onnx``, ``lorafx_export.json``, ``adapters/``), or a
+            path ending in ``.onnx``: that file, with the manifest and adapters beside it (as
+            ``torch.onnx.export``); then only those names in its folder are replaced.
         mode: ``"merged"`` — the active adapter folded into W, a plain graph any server runs (refuses
             gated variants such as MoR with :class:`~lorafx.errors.NotMergeableError`);
             ``"unmerged"`` — each site's adapter tensors are named graph inputs, each adapter in
@@ -92,25 +92,21 @@ def to_onnx(
     if cls not in MODE_CLASSES.values():
         raise ExportError(f"mode must be one of {list(MODES)}, got {mode!r}")
     inputs = ExampleInputs.of(example_inputs)
-    target = Path(path).expanduser()
-    if target.suffix == ".onnx" and not target.is_dir():
-        raise ExportError(
-            f"{target}: to_onnx writes a directory ({MODEL_FILE}, {MANIFEST}, adapters/); "
-            f"pass a directory, e.g. {str(target.with_suffix(''))!r}"
-        )
-    # Written into a temporary sibling and renamed into place: a failed export leaves the previous
+    target = ExportTarget.of(path)
+    # Written into a temporary folder and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
-    with staged_directory(target, ExportError, MANIFEST) as directory, eval_mode(model):
+    with target.staged() as directory, eval_mode(model):
         chosen = cls(model, adapters, rank)
         dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
         with chosen.folded(), region_copies(model, chosen.rewrite) as root:
             wrapper = _Wrapper(root, inputs, chosen)
-            outs = _export(wrapper, args, [*inputs.names, *chosen.fed_names], dyn, directory, opset)
+            names = [*inputs.names, *chosen.fed_names]
+            outs = _export(wrapper, args, names, dyn, directory / target.model_file, opset)
         chosen.write_adapters(directory)
-        manifest = chosen.manifest(inputs.meta(dyn), outs)
+        manifest = {**chosen.manifest(inputs.meta(dyn), outs), "model": target.model_file}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return ExportResult(target, target / MODEL_FILE, manifest)
+    return ExportResult(target.directory, target.onnx_path, manifest)
 
 
 @contextlib.contextmanager
@@ -186,8 +182,8 @@ def _quiet():
         noisy.setLevel(level)
 
 
-def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, directory: Path, opset) -> list[str]:
+def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, onnx_path: Path, opset) -> list[str]:
     with torch.no_grad():
         wrapper(*args)  # eager once: output names, and a clear error before the slow trace
-    run_exporter(wrapper, args, names, wrapper.output_names, dyn, directory / MODEL_FILE, opset)
+    run_exporter(wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset)
     return wrapper.output_names
