@@ -11,6 +11,7 @@ from torch import nn
 from lorafx import state
 from lorafx.export.exporter import to_onnx
 from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.export.runtime import require_one_onnxruntime
 from lorafx.state import eval_mode, iter_sites, set_adapter
 
 
@@ -34,6 +35,7 @@ def compare_export(model: nn.Module, example_inputs, directory) -> float:
     from lorafx.export.session import AdapterSession
 
     inputs = ExampleInputs.of(example_inputs)
+    require_one_onnxruntime()
     sess = AdapterSession(directory)
     feed = inputs.feed()
     if sess.mode == "merged":

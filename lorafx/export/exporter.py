@@ -31,6 +31,7 @@ from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
+from lorafx.export.runtime import require_one_onnxruntime
 from lorafx.export.target import MANIFEST, ExportTarget
 from lorafx.regions import is_region
 from lorafx.state import eval_mode
@@ -92,6 +93,7 @@ def to_onnx(
     if cls not in MODE_CLASSES.values():
         raise ExportError(f"mode must be one of {list(MODES)}, got {mode!r}")
     inputs = ExampleInputs.of(example_inputs)
+    require_one_onnxruntime()
     target = ExportTarget.of(path)
     # Written into a temporary folder and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
