@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
+from lorafx.export.axes import check_axes_kept, named_constraint_errors
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.export.runtime import require_one_onnxruntime
@@ -58,6 +59,7 @@ def to_onnx(
     rank: int | None = None,
     dynamic: bool = True,
     opset: int | None = None,
+    dynamic_shapes: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX in ``path`` (a directory: ``model.onnx`` + ``lorafx_export.json``).
 
@@ -78,8 +80,14 @@ def to_onnx(
         adapters: adapter names to export (default: all; unmerged puts the active one first).
         rank: export width R of gate-free sites, at least the adapters' own ranks; a lower-rank
             adapter is zero-padded at serving time (exact).
-        dynamic: batch (and, for token inputs, sequence) axes dynamic.
+        dynamic: each input's axes dynamic by its role (:mod:`lorafx.export.axes`): token ids and
+            masks batch + ``seq``, decoder inputs batch + ``decoder_seq``, pixel values, audio
+            features and anything else batch only.
         opset: ONNX opset (default: the exporter's).
+        dynamic_shapes: per input name, ``{axis: dim name}`` (axes sharing a name share a size) or
+            ``None`` (static), replacing the role table for that input, e.g.
+            ``{"pixel_values": {0: "batch", 2: "height", 3: "width"}}``. An axis the model cannot
+            keep dynamic is an :class:`~lorafx.errors.ExportError` naming the input and axis.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are
@@ -99,7 +107,7 @@ def to_onnx(
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
     with target.staged() as directory, eval_mode(model):
         chosen = cls(model, adapters, rank)
-        dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched)
+        dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched, dynamic_shapes)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
         with chosen.folded(), region_copies(model, chosen.rewrite) as root:
             wrapper = _Wrapper(root, inputs, chosen)
@@ -187,5 +195,7 @@ def _quiet():
 def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, onnx_path: Path, opset) -> list[str]:
     with torch.no_grad():
         wrapper(*args)  # eager once: output names, and a clear error before the slow trace
-    run_exporter(wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset)
+    with named_constraint_errors(names, dyn):
+        run_exporter(wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset)
+    check_axes_kept(onnx_path, names, dyn)
     return wrapper.output_names

@@ -1,0 +1,166 @@
+"""Per-input dynamic axes: each input's axes come from its role, so vision, vision-text and seq2seq
+models export with the defaults and run in onnxruntime at shapes other than the example's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import lorafx
+from lorafx.cli.models import tiny_mlp
+from lorafx.errors import ExportError
+from lorafx.export import AdapterSession, to_onnx
+from tests.export_helpers import close
+
+
+def _adapted(model, targets):
+    torch.manual_seed(0)
+    return lorafx.apply(model, lorafx.Spec(lorafx.LoRA(r=2, init="random"), targets=targets)).eval()
+
+
+@torch.no_grad()
+def _check_all_outputs(directory, model, inputs):
+    """Every output of the onnxruntime session against the same-named eager output."""
+    got = AdapterSession(directory).run(inputs)
+    want = model(**inputs)
+    assert got, "no outputs"
+    for name, value in got.items():
+        close(value, want[name].numpy())
+
+
+@pytest.mark.slow  # 58 s on the shared 2-core machine (one torch.export of a transformers model)
+def test_vit_unmerged_pixel_values_dynamic_batch_only(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    )
+    model = _adapted(tf.ViTModel(cfg), ["q_proj", "v_proj"])
+    res = to_onnx(model, {"pixel_values": torch.randn(2, 3, 16, 16)}, tmp_path, mode="unmerged")
+    assert res.manifest["inputs"][0]["shape"] == ["batch", 3, 16, 16]  # channels no longer a "seq" axis
+    _check_all_outputs(tmp_path, model, {"pixel_values": torch.randn(5, 3, 16, 16)})
+
+
+@pytest.mark.slow  # 49 s on the shared 2-core machine (one torch.export of a transformers model)
+def test_clip_text_and_vision_inputs_have_their_own_axes(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.CLIPConfig(
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
+    model = _adapted(tf.CLIPModel(cfg), ["q_proj", "v_proj"])
+    ex = {
+        "input_ids": torch.randint(0, 64, (2, 5)),
+        "attention_mask": torch.ones(2, 5, dtype=torch.long),
+        "pixel_values": torch.randn(2, 3, 16, 16),
+    }
+    res = to_onnx(model, ex, tmp_path, mode="unmerged")
+    shapes = {i["name"]: i["shape"] for i in res.manifest["inputs"]}
+    assert shapes == {
+        "input_ids": ["batch", "seq"],
+        "attention_mask": ["batch", "seq"],
+        "pixel_values": ["batch", 3, 16, 16],
+    }
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0  # a padded row
+    other = {
+        "input_ids": torch.randint(0, 64, (3, 9)),
+        "attention_mask": mask,
+        "pixel_values": torch.randn(3, 3, 16, 16),
+    }
+    _check_all_outputs(tmp_path, model, other)
+
+
+@pytest.mark.slow  # 55 s on the shared 2-core machine (one torch.export of a transformers model)
+def test_t5_encoder_and_decoder_lengths_are_independent(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    model = _adapted(tf.T5ForConditionalGeneration(cfg), ["q", "v"])
+    ex = {
+        "input_ids": torch.randint(0, 64, (2, 7)),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long),
+        "decoder_input_ids": torch.randint(0, 64, (2, 4)),
+    }
+    res = to_onnx(model, ex, tmp_path, mode="unmerged")
+    shapes = {i["name"]: i["shape"] for i in res.manifest["inputs"]}
+    assert shapes["decoder_input_ids"] == ["batch", "decoder_seq"] and shapes["input_ids"] == ["batch", "seq"]
+    for enc, dec in [(9, 3), (3, 11)]:  # longer and shorter than the example, both ways round
+        other = {
+            "input_ids": torch.randint(0, 64, (3, enc)),
+            "attention_mask": torch.ones(3, enc, dtype=torch.long),
+            "decoder_input_ids": torch.randint(0, 64, (3, dec)),
+        }
+        got = AdapterSession(tmp_path).run(other)["logits"]
+        assert got.shape == (3, dec, 64)
+        with torch.no_grad():
+            close(got, model(**other).logits.numpy())
+
+
+def test_an_axis_the_model_fixes_is_a_named_error(tmp_path):
+    model = tiny_mlp()  # its Linear fixes the feature axis at 32
+    with pytest.raises(ExportError, match=r"input 'x' axis 1 \(dim 'features'\) is fixed to 32"):
+        to_onnx(model, {"x": torch.randn(3, 32)}, tmp_path / "a", dynamic_shapes={"x": {0: "batch", 1: "features"}})
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_dynamic_shapes_are_named_errors(tmp_path):
+    model, x = tiny_mlp(), {"x": torch.randn(3, 32)}
+    with pytest.raises(ExportError, match=r"dynamic_shapes names \['pixels'\], which are not inputs"):
+        to_onnx(model, x, tmp_path / "a", dynamic_shapes={"pixels": {0: "batch"}})
+    with pytest.raises(ExportError, match=r"dynamic_shapes\['x'\]: axis 2 is not an axis of a 2-d input"):
+        to_onnx(model, x, tmp_path / "a", dynamic_shapes={"x": {2: "batch"}})
+    with pytest.raises(ExportError, match=r"input 'x' has size 1 on dynamic axis 0 \(batch\)"):
+        to_onnx(model, {"x": torch.randn(1, 32)}, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_static_override_and_shared_dim_names(tmp_path):
+    model = tiny_mlp()
+    res = to_onnx(model, {"x": torch.randn(3, 32)}, tmp_path, mode="merged", dynamic_shapes={"x": None})
+    assert res.manifest["inputs"][0]["shape"] == [3, 32]
+    sess = AdapterSession(tmp_path)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        sess.run({"x": np.zeros((4, 32), np.float32)})
+
+
+def test_axis_specialised_in_the_graph_is_named(tmp_path):
+    """The check behind the error above, on a hand-built graph: x's axis 1 asked dynamic, written fixed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lorafx.export.axes import check_axes_kept
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x, ids], [y])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    batch, seq, feat = (torch.export.Dim(n) for n in ("batch", "seq", "features"))
+    check_axes_kept(tmp_path / "m.onnx", ["x", "ids"], ({0: batch}, {0: batch, 1: seq}))  # all kept
+    with pytest.raises(ExportError, match=r"input 'x' axis 1 \(dim 'features'\) is fixed to 32"):
+        check_axes_kept(tmp_path / "m.onnx", ["x", "ids"], ({0: batch, 1: feat}, {0: batch, 1: seq}))
