@@ -13,6 +13,7 @@ from lorafx.cli.models import tiny_mlp
 from lorafx.errors import ExportError
 from lorafx.export import AdapterSession, to_onnx
 from tests.export_helpers import close
+from tests.tolerances import ONNX_FP32
 
 
 def _adapted(model, targets):
@@ -139,7 +140,7 @@ def test_bad_dynamic_shapes_are_named_errors(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-def test_static_override_and_shared_dim_names(tmp_path):
+def test_static_override_fixes_the_axes_in_the_graph(tmp_path):
     model = tiny_mlp()
     res = to_onnx(model, {"x": torch.randn(3, 32)}, tmp_path, mode="merged", dynamic_shapes={"x": None})
     assert res.manifest["inputs"][0]["shape"] == [3, 32]
@@ -164,3 +165,47 @@ def test_axis_specialised_in_the_graph_is_named(tmp_path):
     check_axes_kept(tmp_path / "m.onnx", ["x", "ids"], ({0: batch}, {0: batch, 1: seq}))  # all kept
     with pytest.raises(ExportError, match=r"input 'x' axis 1 \(dim 'features'\) is fixed to 32"):
         check_axes_kept(tmp_path / "m.onnx", ["x", "ids"], ({0: batch, 1: feat}, {0: batch, 1: seq}))
+
+
+@pytest.mark.slow  # 20-40 s on the shared 2-core machine
+def test_diffusers_unet_exports_with_defaults(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lorafx.export import compare_export
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    unet = _adapted(unet, ["to_q", "to_v"])
+    ex = {
+        "sample": torch.randn(2, 4, 8, 8),
+        "timestep": torch.tensor([3, 7]),
+        "encoder_hidden_states": torch.randn(2, 5, 8),
+    }
+    res = to_onnx(unet, ex, tmp_path, mode="unmerged")
+    shapes = {i["name"]: i["shape"] for i in res.manifest["inputs"]}
+    assert shapes == {
+        "sample": ["batch", 4, 8, 8],
+        "timestep": ["batch"],
+        "encoder_hidden_states": ["batch", "encoder_seq", 8],
+    }
+    assert res.manifest["outputs"] == ["sample_output"]  # an output may not share the input's name in ONNX
+    other = {
+        "sample": torch.randn(3, 4, 8, 8),
+        "timestep": torch.tensor([1, 5, 9]),
+        "encoder_hidden_states": torch.randn(3, 7, 8),
+    }
+    got = AdapterSession(tmp_path).run(other)["sample_output"]
+    with torch.no_grad():
+        close(got, unet(**other).sample.numpy())
+    assert compare_export(unet, other, tmp_path) <= ONNX_FP32["atol"]

@@ -30,7 +30,7 @@ from torch import fx, nn
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.axes import check_axes_kept, named_constraint_errors
-from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.export.inputs import ExampleInputs, flatten_output, outputs_apart_from_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.export.runtime import require_one_onnxruntime
 from lorafx.export.target import MANIFEST, ExportTarget
@@ -150,7 +150,8 @@ class _Wrapper(nn.Module):
             out = self.inputs.call(self.model, flat[:n])
         finally:
             self.mode.feed.clear()
-        self.output_names, tensors = flatten_output(out)
+        names, tensors = flatten_output(out)
+        self.output_names = outputs_apart_from_inputs(names, self.inputs.names)
         return tuple(tensors)
 
 

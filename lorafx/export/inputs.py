@@ -89,3 +89,10 @@ def flatten_output(out) -> tuple[list[str], list[torch.Tensor]]:
         tensors = [v for v in out if isinstance(v, torch.Tensor)]
         return [f"output_{i}" for i in range(len(tensors))], tensors
     raise ExportError(f"model output of type {type(out).__name__} has no tensors to export")
+
+
+def outputs_apart_from_inputs(outputs: list[str], inputs: tuple[str, ...]) -> list[str]:
+    """``outputs`` with each name that is also an input's suffixed ``_output`` (a diffusers UNet takes
+    ``sample`` and returns ``sample``; ONNX requires every value name to be unique, and onnxruntime
+    refuses the graph with "Duplicate definition of name (sample)")."""
+    return [f"{n}_output" if n in inputs else n for n in outputs]
