@@ -174,3 +174,44 @@ def read_consistent(read: Callable[[], tuple], consistent: Callable[[tuple], boo
         time.sleep(0.01)
         result = read()
     return result
+
+
+@contextlib.contextmanager
+def staged_files(directory: Path, owned: list[str], error: type[Exception], last: str) -> Iterator[Path]:
+    """Yield a temporary folder inside ``directory`` to fill; on success each entry written there
+    replaces its namesake in ``directory`` (``last`` renamed in after the others), and every name of
+    ``owned`` that this write did not produce is removed (a stale entry of the previous write). On
+    failure the stage is deleted and ``directory`` is untouched. Other files in ``directory`` are
+    never touched: the caller checks beforehand that the ``owned`` names are its own to replace.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{directory}: cannot create the directory ({_why_not_mkdir(directory, e)})") from None
+    token = uuid.uuid4().hex[:12]
+    stage = directory / f".{last}.tmp-{token}"
+    stage.mkdir()
+    try:
+        yield stage
+        written = sorted(p.name for p in stage.iterdir())
+        order = [n for n in written if n != last] + ([last] if last in written else [])
+        with _locked(directory):
+            for name in order:
+                dest, old = directory / name, directory / f".{name}.old-{token}"
+                if dest.exists():
+                    os.replace(dest, old)
+                os.replace(stage / name, dest)
+                _remove(old)
+            for name in set(owned) - set(written):
+                _remove(directory / name)
+    finally:
+        _remove(stage)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

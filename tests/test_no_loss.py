@@ -304,5 +304,7 @@ def test_failed_export_keeps_the_previous_export_and_foreign_directories_are_ref
     with pytest.raises(lorafx.ExportError, match="holds other files"):
         lorafx.export.to_onnx(model, x, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    with pytest.raises(lorafx.ExportError, match="writes a directory"):
-        lorafx.export.to_onnx(model, x, tmp_path / "model.onnx")
+    # a .onnx path writes that file and its manifest beside the user's files, which stay
+    lorafx.export.to_onnx(model, x, tmp_path / "mine" / "model.onnx")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["lorafx_export.json", "model.onnx", "notes.txt"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -10,7 +10,8 @@ from torch import nn
 
 from lorafx import state
 from lorafx.export.exporter import to_onnx
-from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.export.inputs import ExampleInputs, flatten_output, outputs_apart_from_inputs
+from lorafx.export.runtime import require_one_onnxruntime
 from lorafx.state import eval_mode, iter_sites, set_adapter
 
 
@@ -34,6 +35,7 @@ def compare_export(model: nn.Module, example_inputs, directory) -> float:
     from lorafx.export.session import AdapterSession
 
     inputs = ExampleInputs.of(example_inputs)
+    require_one_onnxruntime()
     sess = AdapterSession(directory)
     feed = inputs.feed()
     if sess.mode == "merged":
@@ -67,6 +69,7 @@ def _eager(model: nn.Module, inputs: ExampleInputs, name, keep: bool = False) ->
         if not keep and data is not None and not any(sa.merged for sa in iter_sites(model).values()):
             set_adapter(model, previous)
     names, tensors = flatten_output(out)
+    names = outputs_apart_from_inputs(names, inputs.names)  # as the graph names them
     return {n: t.numpy() for n, t in zip(names, tensors, strict=False)}
 
 

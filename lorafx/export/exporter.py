@@ -29,16 +29,16 @@ from torch import fx, nn
 
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
-from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.export.axes import check_axes_kept, named_constraint_errors
+from lorafx.export.inputs import ExampleInputs, flatten_output, outputs_apart_from_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
-from lorafx.files import staged_directory
+from lorafx.export.runtime import require_one_onnxruntime
+from lorafx.export.target import MANIFEST, ExportTarget
 from lorafx.regions import is_region
 from lorafx.saved_modules import iter_saved
 from lorafx.state import eval_mode, iter_sites
 
 __all__ = ["IDS", "MANIFEST", "MODEL_FILE", "MODES", "ExportResult", "run_exporter", "to_onnx"]
-
-MANIFEST = "lorafx_export.json"
 
 
 @dataclass
@@ -60,6 +60,7 @@ def to_onnx(
     rank: int | None = None,
     dynamic: bool = True,
     opset: int | None = None,
+    dynamic_shapes: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX in ``path`` (a directory: ``model.onnx`` + ``lorafx_export.json``).
 
@@ -68,7 +69,9 @@ def to_onnx(
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors (e.g.
             ``{"input_ids": ids, "attention_mask": mask}``); dict keys become input names. Use a
             batch of at least 2 so the batch axis stays dynamic.
-        path: output directory (created).
+        path: output directory (created; ``model.onnx``, ``lorafx_export.json``, ``adapters/``), or a
+            path ending in ``.onnx``: that file, with the manifest and adapters beside it (as
+            ``torch.onnx.export``); then only those names in its folder are replaced.
         mode: ``"merged"`` — the active adapter folded into W, a plain graph any server runs (refuses
             gated variants such as MoR with :class:`~lorafx.errors.NotMergeableError`);
             ``"unmerged"`` — each site's adapter tensors are named graph inputs, each adapter in
@@ -78,8 +81,14 @@ def to_onnx(
         adapters: adapter names to export (default: all; unmerged puts the active one first).
         rank: export width R of gate-free sites, at least the adapters' own ranks; a lower-rank
             adapter is zero-padded at serving time (exact).
-        dynamic: batch (and, for token inputs, sequence) axes dynamic.
+        dynamic: each input's axes dynamic by its role (:mod:`lorafx.export.axes`): token ids and
+            masks batch + ``seq``, decoder inputs batch + ``decoder_seq``, pixel values, audio
+            features and anything else batch only.
         opset: ONNX opset (default: the exporter's).
+        dynamic_shapes: per input name, ``{axis: dim name}`` (axes sharing a name share a size) or
+            ``None`` (static), replacing the role table for that input, e.g.
+            ``{"pixel_values": {0: "batch", 2: "height", 3: "width"}}``. An axis the model cannot
+            keep dynamic is an :class:`~lorafx.errors.ExportError` naming the input and axis.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are
@@ -107,25 +116,22 @@ def to_onnx(
             "mode='merged' (the active adapter's copy is in the graph); the model is unchanged"
         )
     inputs = ExampleInputs.of(example_inputs)
-    target = Path(path).expanduser()
-    if target.suffix == ".onnx" and not target.is_dir():
-        raise ExportError(
-            f"{target}: to_onnx writes a directory ({MODEL_FILE}, {MANIFEST}, adapters/); "
-            f"pass a directory, e.g. {str(target.with_suffix(''))!r}"
-        )
-    # Written into a temporary sibling and renamed into place: a failed export leaves the previous
+    require_one_onnxruntime()
+    target = ExportTarget.of(path)
+    # Written into a temporary folder and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
-    with staged_directory(target, ExportError, MANIFEST) as directory, eval_mode(model):
+    with target.staged() as directory, eval_mode(model):
         chosen = cls(model, adapters, rank)
-        dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched)
+        dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched, dynamic_shapes)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
         with chosen.folded(), region_copies(model, chosen.rewrite) as root:
             wrapper = _Wrapper(root, inputs, chosen)
-            outs = _export(wrapper, args, [*inputs.names, *chosen.fed_names], dyn, directory, opset)
+            names = [*inputs.names, *chosen.fed_names]
+            outs = _export(wrapper, args, names, dyn, directory / target.model_file, opset)
         chosen.write_adapters(directory)
-        manifest = chosen.manifest(inputs.meta(dyn), outs)
+        manifest = {**chosen.manifest(inputs.meta(dyn), outs), "model": target.model_file}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return ExportResult(target, target / MODEL_FILE, manifest)
+    return ExportResult(target.directory, target.onnx_path, manifest)
 
 
 @contextlib.contextmanager
@@ -159,7 +165,8 @@ class _Wrapper(nn.Module):
             out = self.inputs.call(self.model, flat[:n])
         finally:
             self.mode.feed.clear()
-        self.output_names, tensors = flatten_output(out)
+        names, tensors = flatten_output(out)
+        self.output_names = outputs_apart_from_inputs(names, self.inputs.names)
         return tuple(tensors)
 
 
@@ -201,8 +208,10 @@ def _quiet():
         noisy.setLevel(level)
 
 
-def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, directory: Path, opset) -> list[str]:
+def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, onnx_path: Path, opset) -> list[str]:
     with torch.no_grad():
         wrapper(*args)  # eager once: output names, and a clear error before the slow trace
-    run_exporter(wrapper, args, names, wrapper.output_names, dyn, directory / MODEL_FILE, opset)
+    with named_constraint_errors(names, dyn):
+        run_exporter(wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset)
+    check_axes_kept(onnx_path, names, dyn)
     return wrapper.output_names

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lorafx.errors import ExportError
+from lorafx.export.axes import dynamic_shapes
 
 
 @dataclass(frozen=True)
@@ -57,27 +58,15 @@ class ExampleInputs:
             return model(**dict(zip(self.names, tensors, strict=True)))
         return model(*tensors)
 
-    def dynamic_shapes(self, dynamic: bool, fed_batched: list[bool]) -> tuple:
-        """``torch.export`` dynamic shapes: these inputs, then one entry per fed tensor (batch axis 0
-        when ``fed_batched`` says so, as multi mode's ``adapter_ids``; the adapter tensors are static)."""
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-        specs = []
-        for i, v in enumerate(self.tensors):
-            dims = {}
-            if dynamic and v.dim() >= 1:
-                dims[0] = batch
-                if v.dim() == 3 or (v.dim() == 2 and not v.is_floating_point()):
-                    dims[1] = seq  # token ids / masks [b, T], activations [b, T, d]
-                # 4-D and 5-D inputs are pixels / volumes [b, C, *spatial]: C is a conv's fixed channel count
-            small = [a for a in dims if v.shape[a] < 2]
-            if small:
-                raise ExportError(
-                    f"example input {i} has size {v.shape[small[0]]} on dynamic axis {small[0]}: torch.export fixes "
-                    "axes of size 0 or 1, so use an example with batch and sequence >= 2 (or dynamic=False)"
-                )
-            specs.append(dims or None)
-        specs += [{0: batch} if dynamic and b else None for b in fed_batched]
-        return tuple(specs)
+    def dynamic_shapes(self, dynamic: bool, fed_batched: list[bool], overrides: dict | None = None) -> tuple:
+        """``torch.export`` dynamic shapes: these inputs by role (:mod:`lorafx.export.axes`, ``overrides``
+        by input name first), then one entry per fed tensor (batch axis 0 when ``fed_batched`` says
+        so, as multi mode's ``adapter_ids``; the adapter tensors are static)."""
+        specs = dynamic_shapes(self.names, self.tensors, not self.as_kwargs, dynamic, overrides)
+        batch = next((s[0] for s in specs if s and 0 in s and s[0].__name__ == "batch"), None)
+        if batch is None and dynamic and any(fed_batched):
+            batch = torch.export.Dim("batch")
+        return specs + tuple({0: batch} if dynamic and b else None for b in fed_batched)
 
     def meta(self, dyn: tuple) -> list[dict]:
         """Manifest entries: name, dtype and shape (dynamic axes by their ``Dim`` name)."""
@@ -100,3 +89,10 @@ def flatten_output(out) -> tuple[list[str], list[torch.Tensor]]:
         tensors = [v for v in out if isinstance(v, torch.Tensor)]
         return [f"output_{i}" for i in range(len(tensors))], tensors
     raise ExportError(f"model output of type {type(out).__name__} has no tensors to export")
+
+
+def outputs_apart_from_inputs(outputs: list[str], inputs: tuple[str, ...]) -> list[str]:
+    """``outputs`` with each name that is also an input's suffixed ``_output`` (a diffusers UNet takes
+    ``sample`` and returns ``sample``; ONNX requires every value name to be unique, and onnxruntime
+    refuses the graph with "Duplicate definition of name (sample)")."""
+    return [f"{n}_output" if n in inputs else n for n in outputs]
