@@ -30,6 +30,7 @@ from torch import fx, nn
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs, flatten_output
+from lorafx.export.kv_cache import KVCacheInputs, kv_cache_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.files import staged_directory
 from lorafx.regions import is_region
@@ -59,6 +60,7 @@ def to_onnx(
     rank: int | None = None,
     dynamic: bool = True,
     opset: int | None = None,
+    kv_cache: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX in ``path`` (a directory: ``model.onnx`` + ``lorafx_export.json``).
 
@@ -79,6 +81,11 @@ def to_onnx(
             adapter is zero-padded at serving time (exact).
         dynamic: batch (and, for token inputs, sequence) axes dynamic.
         opset: ONNX opset (default: the exporter's).
+        kv_cache: export a decoder LM for generation with a KV cache (:mod:`lorafx.export.kv_cache`):
+            ``example_inputs`` are token ids (a tensor or ``{"input_ids", "attention_mask"}``); the
+            graph takes ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes
+            them) and ``past_key_values.N.key/value`` and returns ``logits`` and
+            ``present.N.key/value``, one graph for prefill (past length 0) and decode.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are
@@ -101,6 +108,8 @@ def to_onnx(
     # Written into a temporary sibling and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
     with staged_directory(target, ExportError, MANIFEST) as directory, eval_mode(model):
+        if kv_cache:
+            inputs = kv_cache_inputs(model, example_inputs)
         chosen = cls(model, adapters, rank)
         dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
@@ -109,6 +118,8 @@ def to_onnx(
             outs = _export(wrapper, args, [*inputs.names, *chosen.fed_names], dyn, directory, opset)
         chosen.write_adapters(directory)
         manifest = chosen.manifest(inputs.meta(dyn), outs)
+        if isinstance(inputs, KVCacheInputs):
+            manifest["kv_cache"] = inputs.manifest(model)
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return ExportResult(target, target / MODEL_FILE, manifest)
 

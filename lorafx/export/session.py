@@ -54,6 +54,8 @@ class AdapterSession:
         self.slots = self.manifest.get("multi", {}).get("slots", 1)
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
         self._stacked: dict[tuple, dict[str, np.ndarray]] = {}
+        self._ort_cache: dict = {}  # adapter name (or stacked slots) -> its tensors as OrtValue
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if load_exported:
             for name, rel in self.manifest.get("adapters", {}).items():
                 self.load_adapter(self.directory / rel, name=name)
@@ -73,6 +75,7 @@ class AdapterSession:
         feed = make_feed(self.layout, tensors, str(directory))
         self.adapters[name] = {k: v.numpy() for k, v in feed.items()}
         self._stacked.clear()
+        self._ort_cache.clear()
         return name
 
     def run(self, inputs: dict, adapter: str | list[str] | None = _ONLY) -> dict[str, np.ndarray]:
@@ -85,13 +88,7 @@ class AdapterSession:
                 Left out, the session's only adapter is used; with several (or none) loaded, leaving
                 it out is an :class:`~lorafx.errors.ExportError` (it used to run the base model).
         """
-        if adapter is _ONLY and self.mode != "merged":
-            if len(self.adapters) != 1:
-                raise ExportError(
-                    f"this session holds adapters {sorted(self.adapters)}: name one (adapter='...'), a list "
-                    "with one per row, or adapter=None for the base model"
-                )
-            adapter = next(iter(self.adapters))
+        adapter = self._default(adapter)
         feed = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in inputs.items()}
         if self.mode == "unmerged":
             if isinstance(adapter, (list, tuple)):
@@ -104,6 +101,105 @@ class AdapterSession:
                 raise ExportError(f"adapter list has {len(per_row)} names for a batch of {rows} rows")
             feed.update(self._multi_feed(per_row))
         return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=False))
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 20,
+        adapter: str | list[str] | None = _ONLY,
+        attention_mask=None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = _ONLY,
+        pad_token_id: int | None = _ONLY,
+    ) -> np.ndarray:
+        """Generate with the KV cache of a ``to_onnx(..., kv_cache=True)`` export; returns the
+        ``[batch, prompt + new]`` token ids, as ``transformers`` ``generate`` does.
+
+        Args:
+            input_ids: prompt ids ``[batch, prompt]`` (left-pad rows of different lengths).
+            max_new_tokens: tokens to add (fewer when every row ended with ``eos_token_id``).
+            adapter: as in :meth:`run`: one name, one per row (multi exports in one run per step;
+                unmerged exports generate each adapter's rows apart), ``None`` for the base model;
+                left out, the session's only adapter.
+            attention_mask: ``[batch, prompt]``, 0 on padding (default all ones).
+            do_sample, temperature, top_k, top_p, seed: sampling (default greedy), applied in
+                transformers' order; ``seed`` makes sampling repeatable.
+            eos_token_id, pad_token_id: end-of-sequence ids and the filler after it (default: the
+                exported model's ``generation_config``; ``None``: never stop early).
+        """
+        from lorafx.export.decode import BoundStep, Sampling, generate_tokens
+
+        kv = self.manifest.get("kv_cache")
+        if kv is None:
+            raise ExportError(
+                f"{self.directory}: generate needs an export with the KV cache: to_onnx(..., kv_cache=True)"
+            )
+        ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ExportError(
+                f"input_ids must be [batch, prompt] and attention_mask alike; got {ids.shape}, {mask.shape}"
+            )
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        eos = kv.get("eos_token_id") if eos_token_id is _ONLY else eos_token_id
+        eos = [eos] if isinstance(eos, int) else eos
+        pad = kv.get("pad_token_id") if pad_token_id is _ONLY else pad_token_id
+        adapter = self._default(adapter)
+        rows = list(adapter) if isinstance(adapter, (list, tuple)) else None
+        if rows is not None and len(rows) != len(ids):
+            raise ExportError(f"adapter list has {len(rows)} names for a batch of {len(ids)} rows")
+        if rows is not None and self.mode == "unmerged":  # one generate per adapter, rows put back in order
+            parts = {}
+            for name in dict.fromkeys(rows):
+                idx = np.array([i for i, n in enumerate(rows) if n == name])
+                step = BoundStep(self.session, kv, self._bound(name), device=self.device)
+                parts[name] = (idx, generate_tokens(step, kv, ids[idx], mask[idx], max_new_tokens, sampling, eos, pad))
+            width = max(p.shape[1] for _, p in parts.values())
+            out = np.full((len(ids), width), pad if pad is not None else (eos or [0])[0], np.int64)
+            for idx, p in parts.values():
+                out[idx, : p.shape[1]] = p
+            return out
+        fixed = self._bound(adapter) if self.mode != "multi" else self._bound_multi(rows or [adapter] * len(ids))
+        step = BoundStep(self.session, kv, fixed, device=self.device)
+        return generate_tokens(step, kv, ids, mask, max_new_tokens, sampling, eos, pad)
+
+    def _default(self, adapter):
+        """``adapter`` as given, or the only adapter when left out (refused when there are several)."""
+        if adapter is _ONLY and self.mode != "merged":
+            if len(self.adapters) != 1:
+                raise ExportError(
+                    f"this session holds adapters {sorted(self.adapters)}: name one (adapter='...'), a list "
+                    "with one per row, or adapter=None for the base model"
+                )
+            return next(iter(self.adapters))
+        return adapter
+
+    def _ort_values(self, arrays: dict[str, np.ndarray]) -> dict:
+        import onnxruntime as ort
+
+        return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for k, v in arrays.items()}
+
+    def _bound(self, name) -> dict:
+        """Adapter ``name``'s tensors as ``OrtValue`` on the session's device, made once per adapter."""
+        if self.mode == "merged":
+            return {}
+        if name not in self._ort_cache:
+            self._ort_cache[name] = self._ort_values(self._adapter(name))
+        return self._ort_cache[name]
+
+    def _bound_multi(self, per_row: list) -> dict:
+        """Multi export: the stacked slots as ``OrtValue`` (made once per set of adapters) + ``adapter_ids``."""
+        feed = self._multi_feed(per_row)
+        ids = feed.pop(IDS)
+        key = ("<multi>", *dict.fromkeys(per_row))  # a tuple: never an adapter name
+        if key not in self._ort_cache:
+            self._ort_cache[key] = self._ort_values(feed)
+        return {**self._ort_cache[key], **self._ort_values({IDS: ids})}
 
     def _adapter(self, name: str | None) -> dict[str, np.ndarray]:
         if name is None:
