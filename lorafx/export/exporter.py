@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
+from lorafx.export.genai import write_genai_files
 from lorafx.export.inputs import ExampleInputs, flatten_output
 from lorafx.export.kv_cache import KVCacheInputs, kv_cache_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
@@ -120,6 +121,7 @@ def to_onnx(
         manifest = chosen.manifest(inputs.meta(dyn), outs)
         if isinstance(inputs, KVCacheInputs):
             manifest["kv_cache"] = inputs.manifest(model)
+            write_genai_files(directory, model, manifest, getattr(chosen, "feeds", {}))
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return ExportResult(target, target / MODEL_FILE, manifest)
 

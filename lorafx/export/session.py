@@ -27,7 +27,8 @@ class AdapterSession:
     Args:
         directory: the export directory (holds ``lorafx_export.json`` and ``model.onnx``).
         providers: onnxruntime execution providers (default CPU).
-        sess_options: an ``onnxruntime.SessionOptions``.
+        sess_options: an ``onnxruntime.SessionOptions`` (default: errors-only logging, as the zero
+            defaults behind the adapter inputs of an unmerged KV export make onnxruntime warn per input).
         load_exported: load the adapters written beside the export (``adapters/<name>/``).
 
     Example:
@@ -47,6 +48,9 @@ class AdapterSession:
         self.manifest = json.loads(path.read_text())
         self.mode = self.manifest["mode"]
         self.layout = [SiteLayout.from_dict(d) for d in self.manifest["sites"]]
+        if sess_options is None:  # unmerged KV exports give adapter inputs zero defaults: ORT warns per input
+            sess_options = ort.SessionOptions()
+            sess_options.log_severity_level = 3
         self.session = ort.InferenceSession(
             str(self.directory / self.manifest["model"]), sess_options, providers=providers or ["CPUExecutionProvider"]
         )
