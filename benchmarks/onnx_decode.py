@@ -8,11 +8,12 @@ of whole generate calls (prefill included), rounds interleaved so load drift hit
 
 onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider):
 
-* base / merged — plain graphs; unmerged — adapter tensors as graph inputs, bound once per generate
-  as ``OrtValue`` (I/O binding; the cache stays ``OrtValue`` between steps);
-* unmerged, numpy feeds — the same graph through ``session.run`` with numpy arrays every step;
+* base / merged — plain graphs; unmerged — adapter tensors as graph inputs, as ``generate`` feeds
+  them on CPU (numpy arrays through ``session.run``);
+* unmerged, OrtValue I/O binding — adapters bound once as ``OrtValue``, the cache kept as ``OrtValue``
+  between steps (what ``generate`` does on a GPU provider);
 * unmerged, ORT adapter API — the adapter as ``onnxruntime.LoraAdapter`` (``.onnx_adapter``) activated by
-  ``RunOptions.add_active_adapter``, cache bound as above;
+  ``RunOptions.add_active_adapter``, through ``session.run`` (onnxruntime ignores it under I/O binding);
 * multi — K adapters stacked, rows cycling through them (batch 1: one row).
 """
 
@@ -80,16 +81,17 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
     opts = ort.RunOptions()
     opts.add_active_adapter(lora)
     greedy = Sampling()
+    bound = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in un.adapters["a0"].items()}
     rows = [f"a{i % k}" for i in range(len(np_ids))]
     return {
         "onnxruntime base": lambda: s["base"].generate(np_ids, new, **gen),
         "onnxruntime merged": lambda: s["merged"].generate(np_ids, new, **gen),
-        "onnxruntime unmerged (OrtValue binding)": lambda: un.generate(np_ids, new, adapter="a0", **gen),
-        "onnxruntime unmerged, numpy feeds": lambda: generate_tokens(
-            NumpyStep(un.session, kv, un.adapters["a0"]), kv, np_ids, mask, new, greedy, None, None
+        "onnxruntime unmerged": lambda: un.generate(np_ids, new, adapter="a0", **gen),
+        "onnxruntime unmerged, OrtValue I/O binding": lambda: generate_tokens(
+            BoundStep(un.session, kv, bound), kv, np_ids, mask, new, greedy, None, None
         ),
         "onnxruntime unmerged, ORT adapter API": lambda: generate_tokens(
-            BoundStep(un.session, kv, {}, run_options=opts), kv, np_ids, mask, new, greedy, None, None
+            NumpyStep(un.session, kv, {}, run_options=opts), kv, np_ids, mask, new, greedy, None, None
         ),
         f"onnxruntime multi (K={k}, rows cycle)": lambda: s["multi"].generate(np_ids, new, adapter=rows, **gen),
     }

@@ -4,9 +4,11 @@ One graph serves prefill and decode: the first step feeds the prompt with an emp
 (``[batch, kv_heads, 0, head_dim]``), each later step feeds the chosen token, the grown mask, the
 next position and the previous step's ``present.N.*`` as ``past_key_values.N.*``.
 
-Runs use onnxruntime I/O binding: the cache returned by one step is bound as the next step's input
-as the same ``OrtValue`` (never copied to numpy), and the adapter tensors are ``OrtValue`` bound once
-per generate call, not numpy arrays converted on every run. Only the last position's logits are read.
+Two ways to run a step: :class:`NumpyStep` (``session.run`` with numpy arrays, which onnxruntime
+reads in place on CPU) and :class:`BoundStep` (I/O binding: the cache one step returns is bound as
+the next step's input as the same ``OrtValue``, adapter tensors bound once per generate call; on a
+GPU nothing returns to the host but the logits). :meth:`AdapterSession.generate` uses the first on
+CPU, where it measured faster, and the second on other devices (numbers in ``AdapterSession._step``).
 
 Sampling follows ``transformers``' order (temperature, then top-k, then top-p) and its end-of-sequence
 rule: a finished row gets ``pad_token_id`` from then on, and generation stops when every row finished.
@@ -65,10 +67,14 @@ class Sampling:
 
 class BoundStep:
     """One forward of a KV-cache graph through I/O binding; ``fixed`` inputs (adapter tensors as
-    ``OrtValue``) are bound once, ``run_options`` may carry onnxruntime adapters."""
+    ``OrtValue``) are bound once.
 
-    def __init__(self, session, kv: dict, fixed: dict, run_options=None, device: str = "cpu"):
-        self.session, self.kv, self.run_options, self.device = session, kv, run_options, device
+    No ``RunOptions`` here: onnxruntime 1.32 ignores the adapters activated by
+    ``RunOptions.add_active_adapter`` in ``run_with_iobinding`` (measured: the base model's tokens,
+    silently), so adapters are bound as inputs; :class:`NumpyStep` takes onnxruntime adapters."""
+
+    def __init__(self, session, kv: dict, fixed: dict, device: str = "cpu"):
+        self.session, self.kv, self.device = session, kv, device
         self.outputs = [o.name for o in session.get_outputs()]
         self.binding = session.io_binding()
         for name, value in fixed.items():
@@ -86,7 +92,7 @@ class BoundStep:
         b.clear_binding_outputs()
         for name in self.outputs:
             b.bind_output(name, self.device)
-        self.session.run_with_iobinding(b, self.run_options)
+        self.session.run_with_iobinding(b)
         out = dict(zip(self.outputs, b.get_outputs(), strict=True))
         logits = out["logits"].numpy()[:, -1]
         present = present_as_past(self.kv, out)
@@ -94,7 +100,8 @@ class BoundStep:
 
 
 class NumpyStep:
-    """One forward through ``session.run`` with numpy feeds (the baseline :class:`BoundStep` beats)."""
+    """One forward through ``session.run`` with numpy feeds; ``run_options`` may activate onnxruntime
+    adapters (``.onnx_adapter`` files) in place of fed adapter tensors."""
 
     def __init__(self, session, kv: dict, fixed: dict, run_options=None, device: str = "cpu"):
         self.session, self.kv, self.run_options = session, kv, run_options

@@ -26,6 +26,11 @@ import numpy as np
 from torch import nn
 
 GENAI_CONFIG = "genai_config.json"
+# Every KV-cache export has the same interface whatever the family (the attention math is inside the
+# graph), which is what genai's plain decoder-only pipeline, type "llama", drives by the names in the
+# config. A family's own type can select another pipeline: with "gpt2", genai 0.18 fails with "Model
+# input was not found" on this graph, and as "llama" it decodes eager's tokens.
+GENAI_TYPE = "llama"
 
 
 def genai_config(model: nn.Module, manifest: dict) -> dict:
@@ -58,7 +63,7 @@ def genai_config(model: nn.Module, manifest: dict) -> dict:
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": pad if pad is not None else eos[0],
-            "type": cfg.model_type,
+            "type": GENAI_TYPE,
             "vocab_size": cfg.vocab_size,
         },
         "search": {

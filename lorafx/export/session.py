@@ -136,7 +136,7 @@ class AdapterSession:
             eos_token_id, pad_token_id: end-of-sequence ids and the filler after it (default: the
                 exported model's ``generation_config``; ``None``: never stop early).
         """
-        from lorafx.export.decode import BoundStep, Sampling, generate_tokens
+        from lorafx.export.decode import Sampling, generate_tokens
 
         kv = self.manifest.get("kv_cache")
         if kv is None:
@@ -161,7 +161,7 @@ class AdapterSession:
             parts = {}
             for name in dict.fromkeys(rows):
                 idx = np.array([i for i, n in enumerate(rows) if n == name])
-                step = BoundStep(self.session, kv, self._bound(name), device=self.device)
+                step = self._step(kv, self._bound(name))
                 parts[name] = (idx, generate_tokens(step, kv, ids[idx], mask[idx], max_new_tokens, sampling, eos, pad))
             width = max(p.shape[1] for _, p in parts.values())
             out = np.full((len(ids), width), pad if pad is not None else (eos or [0])[0], np.int64)
@@ -169,8 +169,22 @@ class AdapterSession:
                 out[idx, : p.shape[1]] = p
             return out
         fixed = self._bound(adapter) if self.mode != "multi" else self._bound_multi(rows or [adapter] * len(ids))
-        step = BoundStep(self.session, kv, fixed, device=self.device)
+        step = self._step(kv, fixed)
         return generate_tokens(step, kv, ids, mask, max_new_tokens, sampling, eos, pad)
+
+    def _step(self, kv: dict, fixed: dict):
+        """One decode step: numpy feeds on CPU, I/O binding of ``OrtValue`` on a device.
+
+        Measured here (CPU, 32 greedy tokens, median of 12 interleaved generate calls, unmerged Llama
+        hidden 256 vs its merged graph): numpy feeds 1.01x / 1.06x merged at batch 1 / 8, I/O binding
+        1.17x / 1.14x, onnxruntime's adapter API 1.03x / 1.23x. On CPU onnxruntime reads numpy
+        arrays in place, so binding saves no copy and adds per-step binding calls; on a GPU it keeps
+        the cache and the adapters on the device."""
+        from lorafx.export.decode import BoundStep, NumpyStep
+
+        if self.device == "cpu":
+            return NumpyStep(self.session, kv, fixed)
+        return BoundStep(self.session, kv, fixed, device=self.device)
 
     def _default(self, adapter):
         """``adapter`` as given, or the only adapter when left out (refused when there are several)."""
@@ -184,12 +198,15 @@ class AdapterSession:
         return adapter
 
     def _ort_values(self, arrays: dict[str, np.ndarray]) -> dict:
+        """``arrays`` as the decode step takes them: numpy on CPU, ``OrtValue`` on the session's device."""
+        if self.device == "cpu":
+            return arrays
         import onnxruntime as ort
 
         return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for k, v in arrays.items()}
 
     def _bound(self, name) -> dict:
-        """Adapter ``name``'s tensors as ``OrtValue`` on the session's device, made once per adapter."""
+        """Adapter ``name``'s tensors for the decode step (``OrtValue`` on a device, made once per adapter)."""
         if self.mode == "merged":
             return {}
         if name not in self._ort_cache:
@@ -197,7 +214,7 @@ class AdapterSession:
         return self._ort_cache[name]
 
     def _bound_multi(self, per_row: list) -> dict:
-        """Multi export: the stacked slots as ``OrtValue`` (made once per set of adapters) + ``adapter_ids``."""
+        """Multi export: the stacked slots (made once per set of adapters) + ``adapter_ids``."""
         feed = self._multi_feed(per_row)
         ids = feed.pop(IDS)
         key = ("<multi>", *dict.fromkeys(per_row))  # a tuple: never an adapter name
