@@ -90,7 +90,8 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
         "onnxruntime unmerged, OrtValue I/O binding": lambda: generate_tokens(
             BoundStep(un.session, kv, bound), kv, np_ids, mask, new, greedy, None, None
         ),
-        "onnxruntime unmerged, ORT adapter API": lambda: generate_tokens(
+        # the lambda holds ``lora``: RunOptions does not keep the adapter alive (freed: std::bad_alloc)
+        "onnxruntime unmerged, ORT adapter API": lambda lora=lora: generate_tokens(
             NumpyStep(un.session, kv, {}, run_options=opts), kv, np_ids, mask, new, greedy, None, None
         ),
         f"onnxruntime multi (K={k}, rows cycle)": lambda: s["multi"].generate(np_ids, new, adapter=rows, **gen),

@@ -86,7 +86,10 @@ def _slow_families():
     attn = ["q_proj", "v_proj", "down_proj"]
     return {
         "qwen3": (family(Qwen3Config, num_key_value_heads=2, head_dim=16), attn),
-        "phi3": (family(Phi3Config, num_key_value_heads=2, pad_token_id=0), ["qkv_proj", "o_proj", "gate_up_proj"]),
+        "phi3": (
+            family(Phi3Config, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+            ["qkv_proj", "o_proj", "gate_up_proj"],
+        ),
         "gemma": (family(GemmaConfig, num_key_value_heads=1, head_dim=16), attn),
     }
 

@@ -176,10 +176,10 @@ class AdapterSession:
         """One decode step: numpy feeds on CPU, I/O binding of ``OrtValue`` on a device.
 
         Measured here (CPU, 32 greedy tokens, median of 12 interleaved generate calls, unmerged Llama
-        hidden 256 vs its merged graph): numpy feeds 1.01x / 1.06x merged at batch 1 / 8, I/O binding
-        1.17x / 1.14x, onnxruntime's adapter API 1.03x / 1.23x. On CPU onnxruntime reads numpy
-        arrays in place, so binding saves no copy and adds per-step binding calls; on a GPU it keeps
-        the cache and the adapters on the device."""
+        hidden 256 vs its merged graph, shared machine): numpy feeds 1.01x / 1.06x merged at batch
+        1 / 8, I/O binding 1.17x / 1.14x. On CPU onnxruntime reads numpy arrays in place, so binding
+        saves no copy and adds per-step binding calls; on a GPU it keeps the cache and the adapters
+        on the device."""
         from lorafx.export.decode import BoundStep, NumpyStep
 
         if self.device == "cpu":
