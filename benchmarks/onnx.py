@@ -13,6 +13,10 @@ Rows (batch 8, CPU execution provider, median of ``--repeat`` runs after warm-up
   of batch 8/K): what a server without per-row adapters does.
 * K separate sessions — one merged session per adapter (K copies of the weights in memory), each
   running its own rows (K runs of batch 8/K), or each running the whole batch and keeping its rows.
+
+Then greedy decode tokens/s with the KV cache (:mod:`benchmarks.onnx_decode`: PyTorch eager,
+onnxruntime, onnxruntime-genai vs ORT GenAI's builder), written to ``onnx_decode.json`` / ``.md``;
+``--no-decode`` skips it, ``--decode-new`` sets the new tokens (default 128).
 """
 
 from __future__ import annotations
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=4, help="adapters in the multi graph")
     p.add_argument("--repeat", type=int, default=None, help="default 20 (5 with --quick)")
     p.add_argument("--out", default="benchmarks/results/onnx")
+    p.add_argument("--no-decode", action="store_true", help="skip the KV-cache decode rows")
+    p.add_argument("--decode-new", type=int, default=None, help="decode: new tokens (default 128; 16 with --quick)")
+    p.add_argument("--decode-repeat", type=int, default=3)
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     seq = args.seq or (32 if args.quick else 128)
@@ -159,6 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out + ".json").write_text(json.dumps(out, indent=2))
     Path(args.out + ".md").write_text(md)
     print(md)
+    if not args.no_decode:
+        from benchmarks import onnx_decode
+
+        decode = ["--new", str(args.decode_new)] if args.decode_new else []
+        decode += ["--repeat", str(args.decode_repeat), "--out", str(Path(args.out).parent / "onnx_decode")]
+        out["decode"] = onnx_decode.main(decode + (["--quick"] if args.quick else []))
     return out
 
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from variant_cases import example_configs
 
 import lorafx
-from lorafx.cli.models import tiny_llama
-from lorafx.errors import AdapterFileError, NotMergeableError, SpecError
+from lorafx.cli.models import tiny_llama, tiny_mlp
+from lorafx.errors import AdapterFileError, ExportError, NotMergeableError, SpecError
 
 Q = "model.layers.0.self_attn.q_proj"  # a site every file below has
 
@@ -104,6 +104,13 @@ def _poisoned(model):
     with torch.no_grad():
         lorafx.iter_sites(model)[Q].adapters["default"].lora_B[0, 0] = float("nan")
     return model
+
+
+def _kv_export(model, **kw):
+    from lorafx.export import to_onnx
+
+    ids = torch.randint(0, 64, (2, 4))
+    return to_onnx(model, {"input_ids": ids}, Path(tempfile.mkdtemp()) / "kv", mode="unmerged", kv_cache=True, **kw)
 
 
 def pk(site: str, ab: str) -> str:
@@ -525,6 +532,18 @@ CASES = [
         call(lambda m: lorafx.save_adapter(m, tempfile.mkdtemp()), lambda: _two_active(adapted())),
         SpecError,
         ("['default', 'b']", "are active together", "name="),
+    ),
+    Case(
+        "KV-cache export of a model without a cache",
+        call(lambda m: _kv_export(m), lambda: lorafx.apply(tiny_mlp(), lorafx.Spec(lorafx.LoRA(r=2), targets=["up"]))),
+        ExportError,
+        ("kv_cache=True", "past_key_values", "TinyMLP"),
+    ),
+    Case(
+        "KV-cache export with dynamic=False",
+        call(lambda m: _kv_export(m, dynamic=False), adapted),
+        ExportError,
+        ("kv_cache=True", "dynamic=False"),
     ),
 ]
 

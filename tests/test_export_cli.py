@@ -112,6 +112,23 @@ def test_export_a_peft_checkpoint_with_its_weights(tmp_path, capsys):
     ids = torch.randint(0, 256, (2, 5))
     with torch.no_grad():
         want = trained(ids).logits.numpy()
-    got = sess.run({"input_ids": ids})["logits"]
+    assert [i["name"] for i in sess.manifest["inputs"]] == ["input_ids", "attention_mask"]
+    got = sess.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["logits"]
     assert abs(got - want).max() < 1e-4  # the PEFT weights, not a fresh init, are in the graph
     assert abs(got - tiny_llama()(ids).logits.detach().numpy()).max() > 1e-3
+
+
+def test_export_kv_cache_then_generate(tmp_path, capsys):
+    """--kv-cache: the graph takes the cache; --check passes; generate equals transformers' generate."""
+    from lorafx.cli.models import tiny_llama
+
+    out = tmp_path / "kv"
+    argv = ["export", "demo:tiny-llama", "--kv-cache", "--variant", "lora", "--r", "4", "--targets", "q_proj"]
+    assert main([*argv, "--out", str(out), "--check"]) == 0
+    assert float(capsys.readouterr().out.rsplit("eager:", 1)[1]) < 1e-4
+    sess = AdapterSession(out)
+    assert "past_key_values.1.value" in [i.name for i in sess.session.get_inputs()]
+    ids = torch.randint(3, 256, (2, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a fresh LoRA has B = 0: the base model's tokens
+        want = tiny_llama().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    np.testing.assert_array_equal(sess.generate(ids, 5), want.numpy())

@@ -34,6 +34,8 @@ def test_onnx_path_writes_that_file_beside_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "lorafx_export.json", "mlp.onnx", "notes.txt"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
     close(AdapterSession(tmp_path).run({"input": x2})["output"], eager(model, x2, "default"))
+    # the session opens from the file path too (the folder holds the manifest beside it)
+    close(AdapterSession(tmp_path / "mlp.onnx").run({"input": x2})["output"], eager(model, x2, "default"))
     # back to merged: the stale adapters/ of the earlier export to this file goes
     to_onnx(model, x, tmp_path / "mlp.onnx", mode="merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lorafx_export.json", "mlp.onnx", "notes.txt"]

@@ -10,6 +10,11 @@ modes:
   multi     K adapters stacked on a leading axis plus an adapter_ids [batch] input: one run serves
             a batch whose rows use different adapters (Gather + MatMul, standard ONNX only).
 
+--kv-cache exports a causal LM for generation: inputs input_ids, attention_mask, position_ids and
+past_key_values.N.key/value, outputs logits and present.N.key/value, one graph for prefill and decode
+(lorafx.export.AdapterSession.generate serves it). Causal LMs are exported with an attention_mask
+input either way, so left-padded batches run.
+
 Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable), --peft DIR (a PEFT
 LoRA checkpoint, weights included), or a spec (--spec FILE, or --variant/--r/--targets), which adds
 freshly initialised adapters: a layout to serve trained adapters with later
@@ -29,6 +34,7 @@ EPILOG = """examples:
   lorafx export demo:tiny-llama --mode unmerged --variant lora --r 8 --targets q_proj,v_proj --out out/llama --check
   lorafx export demo:mlp --mode merged --variant lora --r 4 --targets up,mid --out out/mlp
   lorafx export demo:tiny-llama --mode multi --slots 4 --variant lora --r 8 --targets q_proj,v_proj --out out/multi
+  lorafx export demo:tiny-llama --kv-cache --mode unmerged --variant lora --r 8 --targets q_proj,v_proj --out out/llama-kv
 """
 
 
@@ -47,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, help="export width R (>= the adapters' ranks) to serve larger adapters later")
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
     p.add_argument("--seq", type=int, default=8, help="example sequence length for token models")
+    p.add_argument(
+        "--kv-cache", action="store_true", help="causal LMs: export with past_key_values / present for generation"
+    )
     p.add_argument(
         "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
     )
@@ -87,9 +96,12 @@ def run(args: argparse.Namespace) -> int:
             names.append(name)
     lorafx.set_adapter(model, names[0])
     inputs = example_inputs(model, args.batch, args.seq)
-    res = to_onnx(
-        model, inputs, args.out, mode=args.mode, adapters=names if args.mode != "merged" else None, rank=args.rank
-    )
+    adapters = names if args.mode != "merged" else None
+    res = to_onnx(model, inputs, args.out, mode=args.mode, adapters=adapters, rank=args.rank, kv_cache=args.kv_cache)
+    if args.kv_cache:  # --check compares logits and the grown cache at past length = --seq
+        from lorafx.export.kv_cache import kv_cache_inputs
+
+        inputs = kv_cache_inputs(model, inputs)
     m = res.manifest
     print(f"wrote {res.onnx_path} ({args.mode}; inputs {[i['name'] for i in m['inputs']]}, outputs {m['outputs']})")
     print(
@@ -119,15 +131,13 @@ def _spec_given(args: argparse.Namespace) -> bool:
 
 
 def example_inputs(model, batch: int, seq: int):
-    """Example inputs: token ids (+ attention mask for encoders) for transformers models, else one
+    """Example inputs: token ids and attention mask for transformers models, else one
     positional ``[batch, d_in]`` float tensor (ONNX input name ``input``) sized by the first linear."""
     import torch
 
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
         ids = torch.randint(0, config.vocab_size, (batch, seq))
-        if getattr(config, "is_decoder", False) or "CausalLM" in type(model).__name__:
-            return {"input_ids": ids}
         return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     return (torch.randn(batch, first.in_features),)

@@ -30,7 +30,9 @@ from torch import fx, nn
 from lorafx.apply import swapped
 from lorafx.errors import ExportError
 from lorafx.export.axes import check_axes_kept, named_constraint_errors
+from lorafx.export.genai import write_genai_files
 from lorafx.export.inputs import ExampleInputs, flatten_output, outputs_apart_from_inputs
+from lorafx.export.kv_cache import KVCacheInputs, kv_cache_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.export.runtime import require_one_onnxruntime
 from lorafx.export.target import MANIFEST, ExportTarget
@@ -61,6 +63,7 @@ def to_onnx(
     dynamic: bool = True,
     opset: int | None = None,
     dynamic_shapes: dict | None = None,
+    kv_cache: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX in ``path`` (a directory: ``model.onnx`` + ``lorafx_export.json``).
 
@@ -89,6 +92,11 @@ def to_onnx(
             ``None`` (static), replacing the role table for that input, e.g.
             ``{"pixel_values": {0: "batch", 2: "height", 3: "width"}}``. An axis the model cannot
             keep dynamic is an :class:`~lorafx.errors.ExportError` naming the input and axis.
+        kv_cache: export a decoder LM for generation with a KV cache (:mod:`lorafx.export.kv_cache`):
+            ``example_inputs`` are token ids (a tensor or ``{"input_ids", "attention_mask"}``); the
+            graph takes ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes
+            them) and ``past_key_values.N.key/value`` and returns ``logits`` and
+            ``present.N.key/value``, one graph for prefill (past length 0) and decode.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are
@@ -121,6 +129,8 @@ def to_onnx(
     # Written into a temporary folder and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
     with target.staged() as directory, eval_mode(model):
+        if kv_cache:
+            inputs = kv_cache_inputs(model, example_inputs)
         chosen = cls(model, adapters, rank)
         dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched, dynamic_shapes)
         args = inputs.tensors + tuple(chosen.example(inputs.batch))
@@ -130,6 +140,9 @@ def to_onnx(
             outs = _export(wrapper, args, names, dyn, directory / target.model_file, opset)
         chosen.write_adapters(directory)
         manifest = {**chosen.manifest(inputs.meta(dyn), outs), "model": target.model_file}
+        if isinstance(inputs, KVCacheInputs):
+            manifest["kv_cache"] = inputs.manifest(model)
+            write_genai_files(directory, model, manifest, getattr(chosen, "feeds", {}))
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return ExportResult(target.directory, target.onnx_path, manifest)
 

@@ -17,6 +17,7 @@ import torch
 from lorafx.errors import ExportError
 from lorafx.export.exporter import IDS, MANIFEST
 from lorafx.export.layout import SiteLayout, make_feed, read_any_adapter
+from lorafx.export.runtime import require_one_onnxruntime
 
 _ONLY = "<the only adapter>"  # run()'s default: the session's one adapter (a str: never a valid name)
 
@@ -25,9 +26,11 @@ class AdapterSession:
     """An onnxruntime session over a :func:`lorafx.export.to_onnx` directory.
 
     Args:
-        directory: the export directory (holds ``lorafx_export.json`` and ``model.onnx``).
+        directory: the export directory (holds ``lorafx_export.json`` and the model file), or the
+            ``.onnx`` file `to_onnx` wrote when given a file path.
         providers: onnxruntime execution providers (default CPU).
-        sess_options: an ``onnxruntime.SessionOptions``.
+        sess_options: an ``onnxruntime.SessionOptions`` (default: errors-only logging, as the zero
+            defaults behind the adapter inputs of an unmerged KV export make onnxruntime warn per input).
         load_exported: load the adapters written beside the export (``adapters/<name>/``).
 
     Example:
@@ -40,13 +43,19 @@ class AdapterSession:
     def __init__(self, directory, providers: list[str] | None = None, sess_options=None, load_exported: bool = True):
         import onnxruntime as ort
 
+        require_one_onnxruntime()  # two onnxruntime builds in one environment shadow each other's files
         self.directory = Path(directory)
+        if self.directory.suffix == ".onnx" and self.directory.is_file():  # to_onnx(..., "out/model.onnx")
+            self.directory = self.directory.parent
         path = self.directory / MANIFEST
         if not path.is_file():
             raise ExportError(f"{self.directory}: no {MANIFEST}; export with lorafx.export.to_onnx first")
         self.manifest = json.loads(path.read_text())
         self.mode = self.manifest["mode"]
         self.layout = [SiteLayout.from_dict(d) for d in self.manifest["sites"]]
+        if sess_options is None:  # unmerged KV exports give adapter inputs zero defaults: ORT warns per input
+            sess_options = ort.SessionOptions()
+            sess_options.log_severity_level = 3
         self.session = ort.InferenceSession(
             str(self.directory / self.manifest["model"]), sess_options, providers=providers or ["CPUExecutionProvider"]
         )
@@ -54,6 +63,8 @@ class AdapterSession:
         self.slots = self.manifest.get("multi", {}).get("slots", 1)
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
         self._stacked: dict[tuple, dict[str, np.ndarray]] = {}
+        self._ort_cache: dict = {}  # adapter name (or stacked slots) -> its tensors as OrtValue
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if load_exported:
             for name, rel in self.manifest.get("adapters", {}).items():
                 self.load_adapter(self.directory / rel, name=name)
@@ -73,6 +84,7 @@ class AdapterSession:
         feed = make_feed(self.layout, tensors, str(directory))
         self.adapters[name] = {k: v.numpy() for k, v in feed.items()}
         self._stacked.clear()
+        self._ort_cache.clear()
         return name
 
     def run(self, inputs: dict, adapter: str | list[str] | None = _ONLY) -> dict[str, np.ndarray]:
@@ -85,13 +97,7 @@ class AdapterSession:
                 Left out, the session's only adapter is used; with several (or none) loaded, leaving
                 it out is an :class:`~lorafx.errors.ExportError` (it used to run the base model).
         """
-        if adapter is _ONLY and self.mode != "merged":
-            if len(self.adapters) != 1:
-                raise ExportError(
-                    f"this session holds adapters {sorted(self.adapters)}: name one (adapter='...'), a list "
-                    "with one per row, or adapter=None for the base model"
-                )
-            adapter = next(iter(self.adapters))
+        adapter = self._default(adapter)
         feed = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in inputs.items()}
         if self.mode == "unmerged":
             if isinstance(adapter, (list, tuple)):
@@ -104,6 +110,122 @@ class AdapterSession:
                 raise ExportError(f"adapter list has {len(per_row)} names for a batch of {rows} rows")
             feed.update(self._multi_feed(per_row))
         return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=False))
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 20,
+        adapter: str | list[str] | None = _ONLY,
+        attention_mask=None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = _ONLY,
+        pad_token_id: int | None = _ONLY,
+    ) -> np.ndarray:
+        """Generate with the KV cache of a ``to_onnx(..., kv_cache=True)`` export; returns the
+        ``[batch, prompt + new]`` token ids, as ``transformers`` ``generate`` does.
+
+        Args:
+            input_ids: prompt ids ``[batch, prompt]`` (left-pad rows of different lengths).
+            max_new_tokens: tokens to add (fewer when every row ended with ``eos_token_id``).
+            adapter: as in :meth:`run`: one name, one per row (multi exports in one run per step;
+                unmerged exports generate each adapter's rows apart), ``None`` for the base model;
+                left out, the session's only adapter.
+            attention_mask: ``[batch, prompt]``, 0 on padding (default all ones).
+            do_sample, temperature, top_k, top_p, seed: sampling (default greedy), applied in
+                transformers' order; ``seed`` makes sampling repeatable.
+            eos_token_id, pad_token_id: end-of-sequence ids and the filler after it (default: the
+                exported model's ``generation_config``; ``None``: never stop early).
+        """
+        from lorafx.export.decode import Sampling, generate_tokens
+
+        kv = self.manifest.get("kv_cache")
+        if kv is None:
+            raise ExportError(
+                f"{self.directory}: generate needs an export with the KV cache: to_onnx(..., kv_cache=True)"
+            )
+        ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ExportError(
+                f"input_ids must be [batch, prompt] and attention_mask alike; got {ids.shape}, {mask.shape}"
+            )
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        eos = kv.get("eos_token_id") if eos_token_id is _ONLY else eos_token_id
+        eos = [eos] if isinstance(eos, int) else eos
+        pad = kv.get("pad_token_id") if pad_token_id is _ONLY else pad_token_id
+        adapter = self._default(adapter)
+        rows = list(adapter) if isinstance(adapter, (list, tuple)) else None
+        if rows is not None and len(rows) != len(ids):
+            raise ExportError(f"adapter list has {len(rows)} names for a batch of {len(ids)} rows")
+        if rows is not None and self.mode == "unmerged":  # one generate per adapter, rows put back in order
+            parts = {}
+            for name in dict.fromkeys(rows):
+                idx = np.array([i for i, n in enumerate(rows) if n == name])
+                step = self._step(kv, self._bound(name))
+                parts[name] = (idx, generate_tokens(step, kv, ids[idx], mask[idx], max_new_tokens, sampling, eos, pad))
+            width = max(p.shape[1] for _, p in parts.values())
+            out = np.full((len(ids), width), pad if pad is not None else (eos or [0])[0], np.int64)
+            for idx, p in parts.values():
+                out[idx, : p.shape[1]] = p
+            return out
+        fixed = self._bound(adapter) if self.mode != "multi" else self._bound_multi(rows or [adapter] * len(ids))
+        step = self._step(kv, fixed)
+        return generate_tokens(step, kv, ids, mask, max_new_tokens, sampling, eos, pad)
+
+    def _step(self, kv: dict, fixed: dict):
+        """One decode step: numpy feeds on CPU, I/O binding of ``OrtValue`` on a device.
+
+        Measured here (CPU, 32 greedy tokens, median of 12 interleaved generate calls, unmerged Llama
+        hidden 256 vs its merged graph, shared machine): numpy feeds 1.01x / 1.06x merged at batch
+        1 / 8, I/O binding 1.17x / 1.14x. On CPU onnxruntime reads numpy arrays in place, so binding
+        saves no copy and adds per-step binding calls; on a GPU it keeps the cache and the adapters
+        on the device."""
+        from lorafx.export.decode import BoundStep, NumpyStep
+
+        if self.device == "cpu":
+            return NumpyStep(self.session, kv, fixed)
+        return BoundStep(self.session, kv, fixed, device=self.device)
+
+    def _default(self, adapter):
+        """``adapter`` as given, or the only adapter when left out (refused when there are several)."""
+        if adapter is _ONLY and self.mode != "merged":
+            if len(self.adapters) != 1:
+                raise ExportError(
+                    f"this session holds adapters {sorted(self.adapters)}: name one (adapter='...'), a list "
+                    "with one per row, or adapter=None for the base model"
+                )
+            return next(iter(self.adapters))
+        return adapter
+
+    def _ort_values(self, arrays: dict[str, np.ndarray]) -> dict:
+        """``arrays`` as the decode step takes them: numpy on CPU, ``OrtValue`` on the session's device."""
+        if self.device == "cpu":
+            return arrays
+        import onnxruntime as ort
+
+        return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for k, v in arrays.items()}
+
+    def _bound(self, name) -> dict:
+        """Adapter ``name``'s tensors for the decode step (``OrtValue`` on a device, made once per adapter)."""
+        if self.mode == "merged":
+            return {}
+        if name not in self._ort_cache:
+            self._ort_cache[name] = self._ort_values(self._adapter(name))
+        return self._ort_cache[name]
+
+    def _bound_multi(self, per_row: list) -> dict:
+        """Multi export: the stacked slots (made once per set of adapters) + ``adapter_ids``."""
+        feed = self._multi_feed(per_row)
+        ids = feed.pop(IDS)
+        key = ("<multi>", *dict.fromkeys(per_row))  # a tuple: never an adapter name
+        if key not in self._ort_cache:
+            self._ort_cache[key] = self._ort_values(feed)
+        return {**self._ort_cache[key], **self._ort_values({IDS: ids})}
 
     def _adapter(self, name: str | None) -> dict[str, np.ndarray]:
         if name is None:
