@@ -47,3 +47,15 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps({**data, "machine": machine()}, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
     return RESULTS / f"{name}.md"
+
+
+def speed_rows(fwd_t: dict[str, float], train_t: dict[str, float]) -> list[str]:
+    """The markdown rows of a base / lorafx / PEFT speed table: forward (no grad) and train step."""
+    return [
+        "| | base | lorafx | PEFT |",
+        "|---|---:|---:|---:|",
+        f"| forward, no grad (ms) | {fwd_t['base'] * 1e3:.1f} | {fwd_t['lorafx'] * 1e3:.1f} | {fwd_t['peft'] * 1e3:.1f} |",
+        f"| forward / base | 1.000x | {fwd_t['lorafx'] / fwd_t['base']:.3f}x | {fwd_t['peft'] / fwd_t['base']:.3f}x |",
+        f"| train step (ms) | – | {train_t['lorafx'] * 1e3:.1f} | {train_t['peft'] * 1e3:.1f} |",
+        f"| train step / PEFT | – | {train_t['lorafx'] / train_t['peft']:.3f}x | 1.000x |",
+    ]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, write_results  # noqa: E402
+from common import interleaved_medians, speed_rows, write_results  # noqa: E402
 from overhead import train_step_fn  # noqa: E402
 
 import lorafx  # noqa: E402
@@ -78,12 +78,7 @@ def main() -> None:
         f'"all-linear" (experts and router included). Medians of {repeats} interleaved runs, '
         f"{torch.get_num_threads()} CPU threads, shared machine.",
         "",
-        "| | base | lorafx | PEFT |",
-        "|---|---:|---:|---:|",
-        f"| forward, no grad (ms) | {fwd_t['base'] * 1e3:.1f} | {fwd_t['lorafx'] * 1e3:.1f} | {fwd_t['peft'] * 1e3:.1f} |",
-        f"| forward / base | 1.000x | {fwd_t['lorafx'] / fwd_t['base']:.3f}x | {fwd_t['peft'] / fwd_t['base']:.3f}x |",
-        f"| train step (ms) | – | {train_t['lorafx'] * 1e3:.1f} | {train_t['peft'] * 1e3:.1f} |",
-        f"| train step / PEFT | – | {train_t['lorafx'] / train_t['peft']:.3f}x | 1.000x |",
+        *speed_rows(fwd_t, train_t),
         "",
     ]
     path = write_results("moe" + ("_quick" if args.quick else ""), data, "\n".join(md))

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _decode import compiled_steps, generate_fn, static_decode_fn  # noqa: E402
-from common import interleaved_medians, write_results  # noqa: E402
+from common import interleaved_medians, speed_rows, write_results  # noqa: E402
 
 import lorafx  # noqa: E402
 from lorafx.cli.models import bench_llama, tiny_llama  # noqa: E402
@@ -155,12 +155,7 @@ def main() -> None:
     md = [
         f"Benchmark Llama (hidden {base.config.hidden_size}, {base.config.num_hidden_layers} layers, intermediate {base.config.intermediate_size}), batch {ids.shape[0]} x {ids.shape[1]}, LoRA r = 16 on all linears; adapters add {flops * 100:.1f}% FLOPs. Medians of {repeats} interleaved runs, {torch.get_num_threads()} CPU threads.",
         "",
-        "| | base | lorafx | PEFT |",
-        "|---|---:|---:|---:|",
-        f"| forward, no grad (ms) | {fwd_t['base'] * 1e3:.1f} | {fwd_t['lorafx'] * 1e3:.1f} | {fwd_t['peft'] * 1e3:.1f} |",
-        f"| forward / base | 1.000x | {fwd_t['lorafx'] / fwd_t['base']:.3f}x | {fwd_t['peft'] / fwd_t['base']:.3f}x |",
-        f"| train step (ms) | – | {train_t['lorafx'] * 1e3:.1f} | {train_t['peft'] * 1e3:.1f} |",
-        f"| train step / PEFT | – | {train_t['lorafx'] / train_t['peft']:.3f}x | 1.000x |",
+        *speed_rows(fwd_t, train_t),
         "",
     ]
     path = write_results("overhead" + ("_quick" if args.quick else ""), data, "\n".join(md))

@@ -34,3 +34,20 @@ def tiny_opt(seed: int = 0) -> nn.Module:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def run_under_triton_interpreter(test_file: str, deselect: str) -> None:
+    """Run ``test_file``'s tests again in a subprocess with ``TRITON_INTERPRET=1`` (it must be set
+    before ``import triton`` and must not leak into other tests), ``-k deselect`` leaving out the
+    launcher itself; fail with the subprocess's output unless its tests ran and passed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", deselect]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
