@@ -69,9 +69,14 @@ class KVCacheInputs(ExampleInputs):
             flat[present_name(i, "key")], flat[present_name(i, "value")] = layer.keys, layer.values
         return flat
 
-    def dynamic_shapes(self, dynamic: bool, fed_batched: list[bool]) -> tuple:
+    def dynamic_shapes(self, dynamic: bool, fed_batched: list[bool], overrides: dict | None = None) -> tuple:
         if not dynamic:
             raise ExportError("kv_cache=True needs dynamic axes (batch, sequence, past length): drop dynamic=False")
+        if overrides:  # the KV graph's axes follow its inputs' layout; a user table could only break it
+            raise ExportError(
+                f"kv_cache=True fixes the graph's axes itself (batch, sequence, past length); drop dynamic_shapes= "
+                f"(given for {sorted(overrides)})"
+            )
         batch, seq, past, total = (torch.export.Dim(n) for n in DIMS)
         by_name = {IDS: {0: batch, 1: seq}, MASK: {0: batch, 1: total}, POS: {0: batch, 1: seq}}
         specs = [by_name.get(n, {0: batch, 2: past}) for n in self.names]
