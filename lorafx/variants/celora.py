@@ -189,7 +189,7 @@ class CELoRAAdapter(Adapter):
 
     def lower(self, x: torch.Tensor) -> Lowered:
         base = self._base if torch.is_grad_enabled() and self.training and self.approximate else None
-        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale, base=base)
+        return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale_arg(), base=base)
 
     def _base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.svd_A0.numel() == 0:  # a shape: static under torch.compile
