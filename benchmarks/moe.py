@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, speed_rows, write_results  # noqa: E402
-from overhead import train_step_fn  # noqa: E402
+from common import speed_rows, write_results  # noqa: E402
+from overhead import speed_medians  # noqa: E402
 
 import lorafx  # noqa: E402
 
@@ -51,19 +51,7 @@ def main() -> None:
     base, fx_model, peft_model = build(args.quick)
     ids = torch.randint(0, 1024, (2, 32 if args.quick else 128), generator=torch.Generator().manual_seed(0))
 
-    def fwd(m):
-        def run():
-            with torch.no_grad():
-                m(ids)
-
-        return run
-
-    fwd_t = interleaved_medians({"base": fwd(base), "lorafx": fwd(fx_model), "peft": fwd(peft_model)}, repeats)
-    for m in (fx_model, peft_model):
-        m.train()
-    train_t = interleaved_medians(
-        {"lorafx": train_step_fn(fx_model, ids), "peft": train_step_fn(peft_model, ids)}, max(3, repeats // 2)
-    )
+    fwd_t, train_t = speed_medians(base, fx_model, peft_model, ids, repeats)
     c = base.config
     data = {
         "config": {"quick": args.quick, "batch": list(ids.shape), "r": 8, "repeats": repeats},

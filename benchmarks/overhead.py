@@ -66,6 +66,26 @@ def train_step_fn(model, ids):
     return step
 
 
+def speed_medians(base, fx_model, peft_model, ids, repeats: int) -> tuple[dict, dict]:
+    """Median seconds of a no-grad forward (base, lorafx, PEFT) and of a train step (lorafx, PEFT),
+    interleaved in one process; leaves the adapted models in train mode."""
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                m(ids)
+
+        return run
+
+    fwd_t = interleaved_medians({"base": fwd(base), "lorafx": fwd(fx_model), "peft": fwd(peft_model)}, repeats)
+    for m in (fx_model, peft_model):
+        m.train()
+    train_t = interleaved_medians(
+        {"lorafx": train_step_fn(fx_model, ids), "peft": train_step_fn(peft_model, ids)}, max(3, repeats // 2)
+    )
+    return fwd_t, train_t
+
+
 def decode_main(args) -> None:
     """Per-token decode time of base, lorafx and PEFT at batch 1 and 8, eager and compiled."""
     repeats = args.repeats or (3 if args.quick else 9)
@@ -130,19 +150,7 @@ def main() -> None:
     for m in (base, fx_model, peft_model):
         m.eval()
 
-    def fwd(m):
-        def run():
-            with torch.no_grad():
-                m(ids)
-
-        return run
-
-    fwd_t = interleaved_medians({"base": fwd(base), "lorafx": fwd(fx_model), "peft": fwd(peft_model)}, repeats)
-    for m in (fx_model, peft_model):
-        m.train()
-    train_t = interleaved_medians(
-        {"lorafx": train_step_fn(fx_model, ids), "peft": train_step_fn(peft_model, ids)}, max(3, repeats // 2)
-    )
+    fwd_t, train_t = speed_medians(base, fx_model, peft_model, ids, repeats)
     flops = added_flop_ratio(fx_model)
     data = {
         "config": {"quick": args.quick, "batch": list(ids.shape), "r": 16, "repeats": repeats},
