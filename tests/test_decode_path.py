@@ -91,3 +91,68 @@ def test_traced_calls_get_the_scale_tensor():
     torch.compile(grab, backend="eager", fullgraph=True)(torch.randn(2, 12))
     assert seen and isinstance(seen[0], torch.Tensor)
     assert isinstance(adapter.lower(torch.randn(2, 12)).scale, float)
+
+
+def _expand_b(model, x):
+    """The B the eager expand reads at the model's one site (what ``lower`` hands on)."""
+    sa = next(iter(lorafx.iter_sites(model).values()))
+    return sa(x).B
+
+
+def test_eval_expand_reads_a_transposed_copy_of_b_that_follows_every_write():
+    model, adapter = _site()
+    W = _base_weight(model)
+    x = torch.randn(3, 12)
+
+    def check():
+        with torch.no_grad():
+            B = _expand_b(model, x)
+            assert B.t().is_contiguous() and torch.equal(B, adapter.lora_B), "expand must read Bᵀ contiguous"
+            assert_close(model(x), _reference(adapter, x, W, 2.0))
+
+    check()
+    assert _expand_b(model, x) is adapter.lora_B  # autograd on: the parameter itself
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        adapter.lora_B.mul_(-3.0)  # in place: the version counter tells
+    check()
+    model.train()
+    opt = torch.optim.SGD([adapter.lora_B], lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    check()
+    adapter.lora_B = nn.Parameter(torch.randn_like(adapter.lora_B))  # a new object
+    check()
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        adapter.lora_B.zero_()
+    model.load_state_dict(state)
+    check()
+    adapter.lora_B.data.copy_(torch.randn_like(adapter.lora_B))  # .data bypasses the version counter
+    model.eval()  # ... and eval() refreshes the copy, as documented
+    check()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        next(iter(lorafx.iter_sites(twin).values())).adapters["default"].lora_B.add_(1.0)
+    check()  # the original is not affected by its copy
+    model.double()
+    W, x = _base_weight(model), x.double()
+    with torch.no_grad():
+        assert _expand_b(model, x).dtype == torch.float64
+        assert_close(model(x), _reference(adapter, x, W, 2.0), torch.float64)
+    assert set(model.state_dict()) == keys  # the copy is not state
+
+
+def test_no_transposed_copy_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    model, adapter = _site()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:  # collectives write into parameters without bumping versions: the parameter is read each call
+        with torch.no_grad():
+            assert _expand_b(model, torch.randn(2, 12)) is adapter.lora_B
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        assert _expand_b(model, torch.randn(2, 12)).t().is_contiguous()

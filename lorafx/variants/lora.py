@@ -84,6 +84,10 @@ class LoRA(LoRAFields):
         return LoRAAdapter(self, in_features, out_features, site)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: str) -> None:
     """Initialise ``A [r, d_in]`` and ``B [d_out, r]`` in place, as PEFT does for each ``init``."""
     with torch.no_grad():
@@ -114,11 +118,54 @@ class LoRAAdapter(Adapter):
         # when it can act; traced calls keep the plain form, so compiled graphs and guards stay as before.
         if torch.compiler.is_compiling():
             return Lowered(self.dropout(x), self.lora_A, self.lora_B, self.scale)
+        if not (self.training or torch.is_grad_enabled()):
+            A, B, s = self.inference_operands()
+            return Lowered(x, A, B, s)
         A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
         if A is None or B is None:  # not plain parameters (a parametrization, FSDP's views): ask the module
             A, B = self.lora_A, self.lora_B
         x_in, drop = self.dropped(x)
         return Lowered(x_in, A, B, self.scale_arg(), drop=drop)
+
+    def inference_operands(self) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+        """``(A, B, s)`` for an eager call without autograd.
+
+        ``B [d_out, r]`` is handed on as a view of a contiguous ``Bᵀ [r, d_out]`` copy. The expand is
+        ``y += s·h Bᵀ``: with ``Bᵀ`` contiguous an axpy over rows of ``d_out`` floats, with PEFT's
+        ``[d_out, r]`` layout a gemv over rows of ``r`` floats. Measured (cold cache, d_out 2816, r 16,
+        one token): 14.0 µs vs 29.9 µs per site on one thread, 14.0 vs 41.6 µs on two: the largest
+        single cost of an unmerged decode step.
+
+        The copy is a detached cache outside the parameters (training, compiled graphs and files see
+        ``B`` itself). It is reused while ``A``, ``B`` and the scale tensor are the same objects, ``B``
+        has the same storage and version and the scale the same version; it is dropped on every
+        move, cast and ``train``/``eval`` switch. Writes that bypass the version counter (``B.data``
+        in place, collectives writing into a parameter) would not be seen, so under
+        ``torch.distributed`` there is no cache, and ``model.eval()`` after a write through ``.data``
+        refreshes it.
+        """
+        A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
+        t = self._buffers["scale_t"]
+        if A is None or B is None or _distributed():  # parametrized / FSDP views, or DDP/FSDP's writes
+            return self.lora_A, self.lora_B, self.scale_arg()
+        try:
+            key = (B._version, B.data_ptr(), t._version)
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return A, B, self.scale_arg()
+        seen = self.__dict__.get("_inference")
+        if seen is not None and seen[0] is A and seen[1] is B and seen[2] is t and seen[3] == key:
+            return seen[4]
+        ops = (A, B.detach().t().contiguous().t(), self.scale_arg())
+        self.__dict__["_inference"] = (A, B, t, key, ops)
+        return ops
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_inference", None)  # a move or cast makes new tensors (and a stale copy)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_inference", None)
+        return super().train(mode)
 
     def dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, Dropped | None]:
         """``(x_in, record)``: ``x`` after the input dropout. In eager training the mask comes from a seed
