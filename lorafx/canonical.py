@@ -130,6 +130,12 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
     if isinstance(alpha, Tensor):
         h, alpha = h * alpha.to(h.dtype), 1.0
     d_out = B.shape[0]
+    if _compiled_one_token_inference(h):
+        # One token through a compiled graph (a decode step): inductor hands ``h Bᵀ`` to MKL as a
+        # gemv over rows of r floats, 45 µs per site at d_out 2816, r 16, 2 threads; as a product
+        # and a sum over r it generates one vectorised loop instead: 7.9 µs.
+        delta = (h.unsqueeze(-2) * B.to(h.dtype)).sum(-1)
+        return y + (delta if alpha == 1.0 else delta * alpha).to(y.dtype)
     if inplace and y.dtype == B.dtype and h.dtype == B.dtype and y.is_contiguous():
         y2 = y if y.dim() == 2 else y.view(-1, d_out)
         y2.addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), B.t(), alpha=alpha)
@@ -138,6 +144,19 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
     if alpha != 1.0:
         delta = delta * alpha
     return y + delta.to(y.dtype)
+
+
+def _compiled_one_token_inference(h: Tensor) -> bool:
+    """True while Dynamo (not torch.export: ONNX graphs keep their MatMul) traces a call without
+    autograd whose ``h`` holds one token, provably, so that no shape guard is added."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return (
+        torch.compiler.is_dynamo_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.is_grad_enabled()
+        and statically_known_true(h.numel() == h.shape[-1])
+    )
 
 
 @site_implementation("composite", records_itself=True)

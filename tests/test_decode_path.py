@@ -156,3 +156,29 @@ def test_no_transposed_copy_under_torch_distributed(tmp_path):
         dist.destroy_process_group()
     with torch.no_grad():
         assert _expand_b(model, torch.randn(2, 12)).t().is_contiguous()
+
+
+def _matmuls_traced(model, x):
+    """Output and the matmul calls of the graph Dynamo records for ``model(x)`` under no_grad."""
+    seen = []
+
+    def backend(gm, _):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return out, [t for t in seen if "linear" in t or "mm" in t]
+
+
+def test_compiled_one_token_expand_is_a_reduction_and_equals_eager():
+    model, adapter = _site()
+    W = _base_weight(model)
+    x1, x3 = torch.randn(1, 1, 12), torch.randn(1, 3, 12)
+    out1, mm1 = _matmuls_traced(model, x1)
+    out3, mm3 = _matmuls_traced(model, x3)
+    assert len(mm1) == 2, mm1  # base and shrink; the one-token expand is a product and a sum
+    assert len(mm3) == 3, mm3  # more tokens: the expand stays a matmul
+    assert_close(out1, _reference(adapter, x1, W, 2.0))
+    assert_close(out3, _reference(adapter, x3, W, 2.0))
