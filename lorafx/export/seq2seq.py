@@ -114,6 +114,22 @@ class Seq2SeqGraph(ExampleInputs):
         return (*specs, *({0: batch} if b else None for b in fed_batched))
 
 
+def decoder_start(model: nn.Module) -> int:
+    """The first decoder token, as transformers' ``generate`` picks it: ``generation_config``'s
+    ``decoder_start_token_id``, else its ``bos_token_id``; neither is an error, as in ``generate``."""
+    gen = getattr(model, "generation_config", None)
+    for key in ("decoder_start_token_id", "bos_token_id"):
+        value = getattr(gen, key, None)
+        if value is not None:
+            if not isinstance(value, int):
+                raise ExportError(f"kv_cache=True: generation_config.{key} must be one token id, got {value!r}")
+            return value
+    raise ExportError(
+        f"kv_cache=True: {type(model).__name__}.generation_config has no decoder_start_token_id or bos_token_id, "
+        "so the decoder has no first token (transformers' generate refuses too); set one"
+    )
+
+
 def _hidden_size(model: nn.Module) -> int:
     cfg = model.config
     return getattr(cfg, "d_model", None) or cfg.hidden_size
@@ -172,8 +188,7 @@ def seq2seq_graphs(model: nn.Module, example_inputs) -> list[Seq2SeqGraph]:
     names, tensors = zip(*enc, strict=True)
     hidden = _encoder(model)(**dict(enc)).last_hidden_state
     source_dynamic = FEATURES not in names
-    start = model.generation_config.decoder_start_token_id or 0
-    dec = torch.full((batch, EXAMPLE_DECODER_LENGTH), int(start), dtype=torch.long)
+    dec = torch.full((batch, EXAMPLE_DECODER_LENGTH), decoder_start(model), dtype=torch.long)
     mask = [(ENC_MASK, dict(enc)[MASK])] if MASK in names else []
     first_in = [(DEC_IDS, dec), (HIDDEN, hidden), *mask]
     out = model(decoder_input_ids=dec, encoder_outputs=(hidden,), use_cache=True, **_mask_kw(mask))
@@ -272,7 +287,7 @@ def seq2seq_manifest(base: dict, model: nn.Module, graphs: list[Seq2SeqGraph], w
             kind: [[past_name(i, p, k), present_name(i, p, k)] for i in range(layers) for k in KINDS]
             for p, kind in parts
         },
-        "decoder_start_token_id": int(getattr(gen, "decoder_start_token_id", None) or 0),
+        "decoder_start_token_id": decoder_start(model),
         "eos_token_id": [eos] if isinstance(eos, int) else eos,
         "pad_token_id": pad,
     }
