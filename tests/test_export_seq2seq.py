@@ -68,6 +68,9 @@ def whisper():
         num_mel_bins=8,
         max_source_positions=10,  # 20 frames: Whisper fixes the source length
         max_target_positions=32,
+        pad_token_id=1,  # the defaults (50256) are GPT-2's ids, outside a 64-token vocabulary
+        bos_token_id=0,
+        eos_token_id=2,
         decoder_start_token_id=3,
         suppress_tokens=None,
         begin_suppress_tokens=None,
@@ -205,7 +208,8 @@ def test_t5_per_row_adapters_and_other_lengths(t5_exported):
 
 
 def test_t5_refusals(t5_exported, tmp_path):
-    """dynamic=False and a .onnx path are refused before anything is written."""
+    """dynamic=False, a .onnx path, a size-1 source axis, example decoder ids and a model without a
+    decoder start token are refused before anything is written."""
     model, _ = t5_exported
     with pytest.raises(ExportError, match="dynamic=False"):
         to_onnx(model, EXAMPLE, tmp_path / "d", mode="unmerged", kv_cache=True, dynamic=False)
@@ -213,6 +217,8 @@ def test_t5_refusals(t5_exported, tmp_path):
         to_onnx(model, EXAMPLE, tmp_path / "t5.onnx", mode="unmerged", kv_cache=True)
     with pytest.raises(ExportError, match="input_ids"):
         to_onnx(model, {"input_ids": torch.ones(2, 1, dtype=torch.long)}, tmp_path / "s", kv_cache=True)
+    with pytest.raises(ExportError, match=r"drop \['decoder_input_ids'\]"):  # the graphs start from the start token
+        to_onnx(model, {**EXAMPLE, "decoder_input_ids": EXAMPLE["input_ids"]}, tmp_path / "x", kv_cache=True)
     gen = model.generation_config
     saved = gen.decoder_start_token_id, gen.bos_token_id
     gen.decoder_start_token_id = gen.bos_token_id = None
@@ -273,9 +279,11 @@ def test_whisper_generate_equals_eager(tmp_path):
     ]
     feats = torch.randn(3, 8, 20, generator=g)
     sess = AdapterSession(tmp_path)
+    outs = {}
     for adapter in ("a", "b", None):
-        got = sess.generate(feats, NEW, adapter=adapter)
+        outs[adapter] = got = sess.generate(feats, NEW, adapter=adapter)
         assert (got[:, 0] == model.generation_config.decoder_start_token_id).all()
         np.testing.assert_array_equal(got[:, 1:], eager_generate(model, {"input_features": feats}, adapter))
+    assert (outs["a"] != outs[None]).any() and (outs["b"] != outs[None]).any()
     with pytest.raises(ExportError, match="input_features"):
         sess.generate(torch.ones(3, 20, dtype=torch.long), NEW, adapter="a")

@@ -97,7 +97,10 @@ def to_onnx(
             ``example_inputs`` are token ids (a tensor or ``{"input_ids", "attention_mask"}``); the
             graph takes ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes
             them) and ``past_key_values.N.key/value`` and returns ``logits`` and
-            ``present.N.key/value``, one graph for prefill (past length 0) and decode.
+            ``present.N.key/value``, one graph for prefill (past length 0) and decode. An encoder-decoder
+            model (``config.is_encoder_decoder``: T5, BART, Whisper) is written as ``encoder.onnx``,
+            ``decoder.onnx`` and ``decoder_with_past.onnx`` (:mod:`lorafx.export.seq2seq`); ``path``
+            must then be a directory.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are

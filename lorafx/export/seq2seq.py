@@ -96,9 +96,8 @@ class Seq2SeqGraph(ExampleInputs):
             raise ExportError(
                 f"kv_cache=True fixes the seq2seq graphs' axes itself; drop dynamic_shapes= (given for {sorted(overrides)})"
             )
-        dims = {n: torch.export.Dim(n) for n in ("batch_size", "encoder_sequence_length", "decoder_sequence_length")}
-        batch, source, dec = dims.values()
-        past = torch.export.Dim("past_decoder_sequence_length")
+        names = ("batch_size", "encoder_sequence_length", "decoder_sequence_length", "past_decoder_sequence_length")
+        batch, source, dec, past = (torch.export.Dim(n) for n in names)
         src = {1: source} if self.source_dynamic else {}
         by_name = {
             IDS: {0: batch, 1: source},
@@ -180,9 +179,11 @@ def seq2seq_graphs(model: nn.Module, example_inputs) -> list[Seq2SeqGraph]:
         given = {IDS: given}
     if not isinstance(given, dict) or not ({IDS, FEATURES} & set(given)):
         raise ExportError("kv_cache=True on an encoder-decoder model takes input_ids (or input_features for Whisper)")
-    extra = sorted(set(given) - {IDS, MASK, FEATURES, DEC_IDS})
+    extra = sorted(set(given) - {IDS, MASK, FEATURES})
     if extra:
-        raise ExportError(f"kv_cache=True builds the seq2seq graphs' inputs itself; got also {extra}")
+        raise ExportError(
+            f"kv_cache=True builds the decoder graphs' inputs itself (from the decoder start token); drop {extra}"
+        )
     enc = _encoder_inputs(given)
     batch = enc[0][1].shape[0]
     names, tensors = zip(*enc, strict=True)
