@@ -117,7 +117,16 @@ def _t5():
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2)
+    cfg = tf.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
     return lorafx.apply(tf.T5ForConditionalGeneration(cfg).eval(), lorafx.Spec(lorafx.LoRA(r=2), targets=["q", "v"]))
 
 
