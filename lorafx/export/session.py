@@ -3,7 +3,9 @@
 The base graph is loaded once (one ``onnxruntime.InferenceSession``). Adapters are tensors fed with
 each run, so loading another adapter is reading a file, never re-exporting or re-creating the session.
 On a ``multi`` export, a batch whose rows use different adapters runs in one call: the session fills
-the K stacked slots with the adapters the batch asks for and feeds ``adapter_ids``.
+the K stacked slots with the adapters the batch asks for and feeds ``adapter_ids``. A seq2seq KV export
+(:mod:`lorafx.export.seq2seq`) holds three graphs, one session each; every graph is fed only the
+adapter tensors its manifest entry lists (``graphs.<name>.adapter_inputs``).
 """
 
 from __future__ import annotations
