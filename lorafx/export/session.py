@@ -216,9 +216,10 @@ class AdapterSession:
         """The prompt (decoder LM) or encoder inputs (seq2seq) as arrays, checked."""
         x = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids)
         if info.get("encoder_inputs") == ["input_features"]:  # Whisper
-            if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+            if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating) or attention_mask is not None:
                 raise ExportError(
-                    f"this export's encoder takes input_features [batch, mels, frames]; got {x.shape} {x.dtype}"
+                    f"this export's encoder takes input_features [batch, mels, frames] and no attention_mask; got "
+                    f"{x.shape} {x.dtype}" + (" and a mask" if attention_mask is not None else "")
                 )
             return {"input_features": x.astype(np.float32)}
         ids = x.astype(np.int64)
