@@ -291,3 +291,5 @@ def test_whisper_generate_equals_eager(tmp_path):
     assert (outs["a"] != outs[None]).any() and (outs["b"] != outs[None]).any()
     with pytest.raises(ExportError, match="input_features"):
         sess.generate(torch.ones(3, 20, dtype=torch.long), NEW, adapter="a")
+    with pytest.raises(ExportError, match="no attention_mask"):  # Whisper's encoder takes none: never ignored
+        sess.generate(feats, NEW, adapter="a", attention_mask=torch.ones(3, 20, dtype=torch.long))
