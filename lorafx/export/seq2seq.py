@@ -159,11 +159,9 @@ def _flat(out, layers: int, with_cross: bool) -> dict[str, torch.Tensor]:
     parts = [(DECODER, cache.self_attention_cache)] + ([(ENCODER, cache.cross_attention_cache)] if with_cross else [])
     flat = {"logits": out.logits}
     for part, c in parts:
-        for i in range(layers):
-            flat[present_name(i, part, "key")], flat[present_name(i, part, "value")] = (
-                c.layers[i].keys,
-                c.layers[i].values,
-            )
+        for i, layer in enumerate(c.layers[:layers]):
+            flat[present_name(i, part, "key")] = layer.keys
+            flat[present_name(i, part, "value")] = layer.values
     return flat
 
 
@@ -190,9 +188,10 @@ def seq2seq_graphs(model: nn.Module, example_inputs) -> list[Seq2SeqGraph]:
     hidden = _encoder(model)(**dict(enc)).last_hidden_state
     source_dynamic = FEATURES not in names
     dec = torch.full((batch, EXAMPLE_DECODER_LENGTH), decoder_start(model), dtype=torch.long)
-    mask = [(ENC_MASK, dict(enc)[MASK])] if MASK in names else []
+    enc_mask = dict(enc).get(MASK)
+    mask = [(ENC_MASK, enc_mask)] if enc_mask is not None else []
     first_in = [(DEC_IDS, dec), (HIDDEN, hidden), *mask]
-    out = model(decoder_input_ids=dec, encoder_outputs=(hidden,), use_cache=True, **_mask_kw(mask))
+    out = model(decoder_input_ids=dec, encoder_outputs=(hidden,), use_cache=True, **({MASK: enc_mask} if mask else {}))
     layers = _check_cache(model, out.past_key_values, dec.shape[1], hidden.shape[1])
     past = [
         (past_name(i, part, k), getattr(c.layers[i], f"{k}s").contiguous())
@@ -233,10 +232,6 @@ def _desc(x) -> str:
 
 def _split(pairs):
     return tuple(n for n, _ in pairs), tuple(t for _, t in pairs)
-
-
-def _mask_kw(mask: list) -> dict:
-    return {MASK: mask[0][1]} if mask else {}
 
 
 def _check_cache(model: nn.Module, cache, dec_len: int, source: int) -> int:
