@@ -291,5 +291,23 @@ def test_whisper_generate_equals_eager(tmp_path):
     assert (outs["a"] != outs[None]).any() and (outs["b"] != outs[None]).any()
     with pytest.raises(ExportError, match="input_features"):
         sess.generate(torch.ones(3, 20, dtype=torch.long), NEW, adapter="a")
+    with pytest.raises(ExportError, match=r"encoder takes \['input_features'\], not input_ids"):
+        to_onnx(model, {"input_ids": torch.ones(2, 4, dtype=torch.long)}, tmp_path / "ids", kv_cache=True)
     with pytest.raises(ExportError, match="no attention_mask"):  # Whisper's encoder takes none: never ignored
         sess.generate(feats, NEW, adapter="a", attention_mask=torch.ones(3, 20, dtype=torch.long))
+
+
+@pytest.mark.slow  # one export of three graphs: ~25 s on the shared 2-core machine
+def test_cli_exports_t5_with_the_cache(tmp_path, capsys):
+    """``lorafx export <T5 config dir> --kv-cache --check`` writes the three graphs and checks greedy
+    tokens against eager ``generate``."""
+    from lorafx.cli import main
+
+    cfg = t5().config
+    cfg.architectures = ["T5ForConditionalGeneration"]
+    cfg.save_pretrained(tmp_path / "t5")
+    argv = ["export", str(tmp_path / "t5"), "--kv-cache", "--mode", "unmerged", "--variant", "lora", "--r", "4"]
+    assert main([*argv, "--targets", "q,v", "--out", str(tmp_path / "out"), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "encoder.onnx, decoder.onnx, decoder_with_past.onnx" in printed
+    assert "greedy tokens onnxruntime == eager generate: True" in printed

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = example_inputs(model, args.batch, args.seq)
     adapters = names if args.mode != "merged" else None
     res = to_onnx(model, inputs, args.out, mode=args.mode, adapters=adapters, rank=args.rank, kv_cache=args.kv_cache)
+    if "graphs" in res.manifest:  # --kv-cache on an encoder-decoder model: three graphs
+        return _report_seq2seq(model, inputs, res, args, names[0])
     if args.kv_cache:  # --check compares logits and the grown cache at past length = --seq
         from lorafx.export.kv_cache import kv_cache_inputs
 
@@ -110,6 +112,30 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"  max abs diff onnxruntime vs eager: {compare_export(model, inputs, args.out):.2e}")
     return 0
+
+
+def _report_seq2seq(model, inputs: dict, res, args: argparse.Namespace, adapter: str) -> int:
+    """Print the graphs of a seq2seq KV export; ``--check``: greedy tokens of onnxruntime vs eager
+    ``generate`` on the example (8 new tokens, no early stop), 1 when they differ."""
+    import torch
+
+    import lorafx
+    from lorafx.export import AdapterSession
+
+    files = ", ".join(g["file"] for g in res.manifest["graphs"].values())
+    print(f"wrote {res.directory} ({args.mode}; {files})")
+    print(f"  {len(lorafx.iter_sites(model))} adapted sites, adapters: {list(res.manifest.get('adapters', {}))}")
+    if not args.check:
+        return 0
+    kw = {} if args.mode == "merged" else {"adapter": adapter}
+    got = AdapterSession(res.directory).generate(
+        inputs["input_ids"], 8, attention_mask=inputs["attention_mask"], eos_token_id=None, **kw
+    )
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None).numpy()
+    same = got.shape == want.shape and bool((got == want).all())
+    print(f"  greedy tokens onnxruntime == eager generate: {same}")
+    return 0 if same else 1
 
 
 def _adapter_name(directory: str, taken: list[str], i: int) -> str:

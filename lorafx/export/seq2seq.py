@@ -37,6 +37,7 @@ from torch import nn
 
 from lorafx.errors import ExportError
 from lorafx.export.inputs import ExampleInputs
+from lorafx.export.kv_cache import forward_params
 
 ENCODER, DECODER, WITH_PAST = "encoder", "decoder", "decoder_with_past"
 GRAPH_FILES = {ENCODER: "encoder.onnx", DECODER: "decoder.onnx", WITH_PAST: "decoder_with_past.onnx"}
@@ -185,7 +186,13 @@ def seq2seq_graphs(model: nn.Module, example_inputs) -> list[Seq2SeqGraph]:
     enc = _encoder_inputs(given)
     batch = enc[0][1].shape[0]
     names, tensors = zip(*enc, strict=True)
-    hidden = _encoder(model)(**dict(enc)).last_hidden_state
+    encoder = _encoder(model)
+    takes = forward_params(encoder)
+    if takes and names[0] not in takes:
+        raise ExportError(
+            f"kv_cache=True: {type(model).__name__}'s encoder takes {sorted(takes & {IDS, FEATURES})}, not {names[0]}"
+        )
+    hidden = encoder(**dict(enc)).last_hidden_state
     source_dynamic = FEATURES not in names
     dec = torch.full((batch, EXAMPLE_DECODER_LENGTH), decoder_start(model), dtype=torch.long)
     enc_mask = dict(enc).get(MASK)
