@@ -13,7 +13,8 @@ modes:
 --kv-cache exports a causal LM for generation: inputs input_ids, attention_mask, position_ids and
 past_key_values.N.key/value, outputs logits and present.N.key/value, one graph for prefill and decode
 (lorafx.export.AdapterSession.generate serves it). Causal LMs are exported with an attention_mask
-input either way, so left-padded batches run.
+input either way, so left-padded batches run. On an encoder-decoder model (T5, BART) --kv-cache
+writes encoder.onnx, decoder.onnx and decoder_with_past.onnx; --check then compares greedy tokens.
 
 Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable), --peft DIR (a PEFT
 LoRA checkpoint, weights included), or a spec (--spec FILE, or --variant/--r/--targets), which adds
@@ -54,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
     p.add_argument("--seq", type=int, default=8, help="example sequence length for token models")
     p.add_argument(
-        "--kv-cache", action="store_true", help="causal LMs: export with past_key_values / present for generation"
+        "--kv-cache",
+        action="store_true",
+        help="causal LMs: export with past_key_values / present for generation; encoder-decoder models: three graphs",
     )
     p.add_argument(
         "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
