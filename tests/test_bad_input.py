@@ -113,6 +113,30 @@ def _kv_export(model, **kw):
     return to_onnx(model, {"input_ids": ids}, Path(tempfile.mkdtemp()) / "kv", mode="unmerged", kv_cache=True, **kw)
 
 
+def _t5():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    return lorafx.apply(tf.T5ForConditionalGeneration(cfg).eval(), lorafx.Spec(lorafx.LoRA(r=2), targets=["q", "v"]))
+
+
+def _seq2seq_export(model, path, **kw):
+    from lorafx.export import to_onnx
+
+    ids = torch.randint(0, 64, (2, 4))
+    return to_onnx(model, {"input_ids": ids}, path, mode="unmerged", kv_cache=True, **kw)
+
+
 def pk(site: str, ab: str) -> str:
     return f"base_model.model.{site}.lora_{ab}.weight"
 
@@ -544,6 +568,18 @@ CASES = [
         call(lambda m: _kv_export(m, dynamic=False), adapted),
         ExportError,
         ("kv_cache=True", "dynamic=False"),
+    ),
+    Case(
+        "seq2seq KV-cache export with dynamic=False",
+        call(lambda m: _seq2seq_export(m, Path(tempfile.mkdtemp()) / "s", dynamic=False), _t5),
+        ExportError,
+        ("kv_cache=True", "encoder-decoder", "dynamic=False"),
+    ),
+    Case(
+        "seq2seq KV-cache export to a .onnx path",
+        call(lambda m: _seq2seq_export(m, Path(tempfile.mkdtemp()) / "t5.onnx"), _t5),
+        ExportError,
+        ("three graphs", "encoder.onnx", "give a directory"),
     ),
 ]
 

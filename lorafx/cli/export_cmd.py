@@ -13,7 +13,8 @@ modes:
 --kv-cache exports a causal LM for generation: inputs input_ids, attention_mask, position_ids and
 past_key_values.N.key/value, outputs logits and present.N.key/value, one graph for prefill and decode
 (lorafx.export.AdapterSession.generate serves it). Causal LMs are exported with an attention_mask
-input either way, so left-padded batches run.
+input either way, so left-padded batches run. On an encoder-decoder model (T5, BART) --kv-cache
+writes encoder.onnx, decoder.onnx and decoder_with_past.onnx; --check then compares greedy tokens.
 
 Adapters come from --adapter DIR (lorafx.save_adapter directories, repeatable), --peft DIR (a PEFT
 LoRA checkpoint, weights included), or a spec (--spec FILE, or --variant/--r/--targets), which adds
@@ -54,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2, help="example batch size (>= 2 keeps the axis dynamic)")
     p.add_argument("--seq", type=int, default=8, help="example sequence length for token models")
     p.add_argument(
-        "--kv-cache", action="store_true", help="causal LMs: export with past_key_values / present for generation"
+        "--kv-cache",
+        action="store_true",
+        help="causal LMs: export with past_key_values / present for generation; encoder-decoder models: three graphs",
     )
     p.add_argument(
         "--check", action="store_true", help="run onnxruntime on the example and print the max abs diff vs eager"
@@ -98,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = example_inputs(model, args.batch, args.seq)
     adapters = names if args.mode != "merged" else None
     res = to_onnx(model, inputs, args.out, mode=args.mode, adapters=adapters, rank=args.rank, kv_cache=args.kv_cache)
+    if "graphs" in res.manifest:  # --kv-cache on an encoder-decoder model: three graphs
+        return _report_seq2seq(model, inputs, res, args, names[0])
     if args.kv_cache:  # --check compares logits and the grown cache at past length = --seq
         from lorafx.export.kv_cache import kv_cache_inputs
 
@@ -110,6 +115,30 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"  max abs diff onnxruntime vs eager: {compare_export(model, inputs, args.out):.2e}")
     return 0
+
+
+def _report_seq2seq(model, inputs: dict, res, args: argparse.Namespace, adapter: str) -> int:
+    """Print the graphs of a seq2seq KV export; ``--check``: greedy tokens of onnxruntime vs eager
+    ``generate`` on the example (8 new tokens, no early stop), 1 when they differ."""
+    import torch
+
+    import lorafx
+    from lorafx.export import AdapterSession
+
+    files = ", ".join(g["file"] for g in res.manifest["graphs"].values())
+    print(f"wrote {res.directory} ({args.mode}; {files})")
+    print(f"  {len(lorafx.iter_sites(model))} adapted sites, adapters: {list(res.manifest.get('adapters', {}))}")
+    if not args.check:
+        return 0
+    kw = {} if args.mode == "merged" else {"adapter": adapter}
+    got = AdapterSession(res.directory).generate(
+        inputs["input_ids"], 8, attention_mask=inputs["attention_mask"], eos_token_id=None, **kw
+    )
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None).numpy()
+    same = got.shape == want.shape and bool((got == want).all())
+    print(f"  greedy tokens onnxruntime == eager generate: {same}")
+    return 0 if same else 1
 
 
 def _adapter_name(directory: str, taken: list[str], i: int) -> str:

@@ -5,7 +5,10 @@ the functions that need them (install ``lorafx[onnx]``).
 
 * :func:`to_onnx` — ``merged`` (plain graph), ``unmerged`` (adapter tensors as named graph inputs,
   adapter files beside the model) or ``multi`` (K stacked adapters + per-row ``adapter_ids``).
-* :class:`AdapterSession` — one onnxruntime session, many adapters, per-row adapters in a batch.
+* ``to_onnx(..., kv_cache=True)`` — decoder LMs with past/present tensors (:mod:`lorafx.export.kv_cache`);
+  encoder-decoder models as encoder + decoder + decoder-with-past graphs (:mod:`lorafx.export.seq2seq`).
+* :class:`AdapterSession` — one onnxruntime session, many adapters, per-row adapters in a batch,
+  ``generate`` over a KV-cache export.
 * :func:`check_onnx` — export, run onnxruntime, return the max abs difference against eager.
 
 Export traces copies of the rewritten regions (:mod:`lorafx.passes.feed_adapters`) swapped in for

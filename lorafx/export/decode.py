@@ -121,6 +121,18 @@ def present_as_past(kv: dict, outputs: dict) -> dict:
     return {past: outputs[present] for past, present in pairs}
 
 
+def choose_next(
+    sampling: Sampling, logits: np.ndarray, rng, eos: np.ndarray, unfinished: np.ndarray, pad_token_id: int | None
+) -> np.ndarray:
+    """Next token per row from ``logits [batch, vocab]``; a row that finished earlier gets
+    ``pad_token_id`` (``eos[0]`` without one), and ``unfinished`` is updated in place."""
+    nxt = sampling.choose(logits, rng).astype(np.int64)
+    if eos.size:
+        nxt = np.where(unfinished, nxt, pad_token_id if pad_token_id is not None else eos[0])
+        unfinished &= ~np.isin(nxt, eos)
+    return nxt
+
+
 def generate_tokens(
     step,
     kv: dict,
@@ -150,10 +162,7 @@ def generate_tokens(
         if kv["position_ids"]:
             feed[POS] = pos
         logits, past = step(feed, past)
-        nxt = sampling.choose(logits, rng).astype(np.int64)
-        if eos.size:
-            nxt = np.where(unfinished, nxt, pad_token_id if pad_token_id is not None else eos[0])
-            unfinished &= ~np.isin(nxt, eos)
+        nxt = choose_next(sampling, logits, rng, eos, unfinished, pad_token_id)
         out.append(nxt[:, None])
         if not unfinished.any():
             break

@@ -35,6 +35,7 @@ from lorafx.export.inputs import ExampleInputs, flatten_output, outputs_apart_fr
 from lorafx.export.kv_cache import KVCacheInputs, kv_cache_inputs
 from lorafx.export.modes import IDS, MODE_CLASSES, MODEL_FILE, MODES, Mode
 from lorafx.export.runtime import require_one_onnxruntime
+from lorafx.export.seq2seq import GRAPH_FILES, is_seq2seq, seq2seq_graphs, seq2seq_manifest
 from lorafx.export.target import MANIFEST, ExportTarget
 from lorafx.regions import is_region
 from lorafx.saved_modules import iter_saved
@@ -96,7 +97,10 @@ def to_onnx(
             ``example_inputs`` are token ids (a tensor or ``{"input_ids", "attention_mask"}``); the
             graph takes ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes
             them) and ``past_key_values.N.key/value`` and returns ``logits`` and
-            ``present.N.key/value``, one graph for prefill (past length 0) and decode.
+            ``present.N.key/value``, one graph for prefill (past length 0) and decode. An encoder-decoder
+            model (``config.is_encoder_decoder``: T5, BART, Whisper) is written as ``encoder.onnx``,
+            ``decoder.onnx`` and ``decoder_with_past.onnx`` (:mod:`lorafx.export.seq2seq`); ``path``
+            must then be a directory.
 
     Whatever the sites call (after ``lorafx.compile(model, kernels=...)`` too), the trace runs region
     copies whose sites call the plain ``"functional"`` implementation. While it runs the copies are
@@ -126,22 +130,34 @@ def to_onnx(
     inputs = ExampleInputs.of(example_inputs)
     require_one_onnxruntime()
     target = ExportTarget.of(path)
+    seq2seq = kv_cache and is_seq2seq(model)
+    if seq2seq and target.file_mode:
+        raise ExportError(
+            f"{path}: kv_cache=True on an encoder-decoder model writes three graphs ({', '.join(GRAPH_FILES.values())}); "
+            "give a directory, not a .onnx path"
+        )
     # Written into a temporary folder and renamed into place: a failed export leaves the previous
     # export (or nothing) in place, never a model.onnx beside another export's manifest.
     with target.staged() as directory, eval_mode(model):
-        if kv_cache:
-            inputs = kv_cache_inputs(model, example_inputs)
+        if seq2seq:
+            graphs = seq2seq_graphs(model, example_inputs)
+        else:
+            graphs = [kv_cache_inputs(model, example_inputs) if kv_cache else inputs]
         chosen = cls(model, adapters, rank)
-        dyn = inputs.dynamic_shapes(dynamic, chosen.fed_batched, dynamic_shapes)
-        args = inputs.tensors + tuple(chosen.example(inputs.batch))
+        dyns = [g.dynamic_shapes(dynamic, chosen.fed_batched, dynamic_shapes) for g in graphs]
         with chosen.folded(), region_copies(model, chosen.rewrite) as root:
-            wrapper = _Wrapper(root, inputs, chosen)
-            names = [*inputs.names, *chosen.fed_names]
-            outs = _export(wrapper, args, names, dyn, directory / target.model_file, opset)
+            files = [g.file if seq2seq else target.model_file for g in graphs]
+            written = [
+                _export_graph(root, g, chosen, d, directory / f, opset, seq2seq)
+                for g, d, f in zip(graphs, dyns, files, strict=True)
+            ]
         chosen.write_adapters(directory)
-        manifest = {**chosen.manifest(inputs.meta(dyn), outs), "model": target.model_file}
-        if isinstance(inputs, KVCacheInputs):
-            manifest["kv_cache"] = inputs.manifest(model)
+        if seq2seq:
+            manifest = seq2seq_manifest(chosen.manifest([], []), model, graphs, written)
+        else:
+            manifest = {**chosen.manifest(graphs[0].meta(dyns[0]), written[0]["outputs"]), "model": target.model_file}
+        if isinstance(graphs[0], KVCacheInputs):
+            manifest["kv_cache"] = graphs[0].manifest(model)
             write_genai_files(directory, model, manifest, getattr(chosen, "feeds", {}))
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return ExportResult(target.directory, target.onnx_path, manifest)
@@ -184,9 +200,17 @@ class _Wrapper(nn.Module):
 
 
 def run_exporter(
-    wrapper: nn.Module, args: tuple, names: list[str], out_names: list[str], dyn, onnx_path: Path, opset: int | None
+    wrapper: nn.Module,
+    args: tuple,
+    names: list[str],
+    out_names: list[str],
+    dyn,
+    onnx_path: Path,
+    opset: int | None,
+    prune: list[str] | tuple = (),
 ) -> None:
-    """``torch.onnx.export`` (dynamo, not optimised), drop unused initializers, save."""
+    """``torch.onnx.export`` (dynamo, not optimised), drop unused initializers (and the graph inputs
+    named in ``prune`` that nothing reads), save."""
     from onnx_ir.passes.common.unused_removal import RemoveUnusedNodesPass
 
     kw = {} if opset is None else {"opset_version": opset}
@@ -204,6 +228,9 @@ def run_exporter(
             **kw,
         )
     RemoveUnusedNodesPass()(prog.model)
+    graph_inputs = prog.model.graph.inputs
+    for value in [v for v in graph_inputs if v.name in set(prune) and not v.uses()]:
+        graph_inputs.remove(value)
     prog.save(str(onnx_path))
 
 
@@ -221,10 +248,29 @@ def _quiet():
         noisy.setLevel(level)
 
 
-def _export(wrapper: _Wrapper, args: tuple, names: list[str], dyn, onnx_path: Path, opset) -> list[str]:
+def _export_graph(root: nn.Module, inputs: ExampleInputs, mode: Mode, dyn, onnx_path: Path, opset, prune: bool) -> dict:
+    """Trace ``root`` on ``inputs`` plus the mode's fed tensors into ``onnx_path``; returns the graph's
+    ``inputs`` (manifest entries), ``outputs`` and ``adapter_inputs`` (the fed names it takes). With
+    ``prune``, fed inputs that no node reads are dropped (a seq2seq graph takes only its own sites')."""
+    wrapper = _Wrapper(root, inputs, mode)
+    names = [*inputs.names, *mode.fed_names]
+    args = inputs.tensors + tuple(mode.example(inputs.batch))
     with torch.no_grad():
         wrapper(*args)  # eager once: output names, and a clear error before the slow trace
     with named_constraint_errors(names, dyn):
-        run_exporter(wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset)
+        run_exporter(
+            wrapper, args, names, wrapper.output_names, dyn, onnx_path, opset, prune=mode.fed_names if prune else ()
+        )
     check_axes_kept(onnx_path, names, dyn)
-    return wrapper.output_names
+    kept = set(_graph_inputs(onnx_path)) if prune else set(mode.fed_names)
+    return {
+        "inputs": inputs.meta(dyn),
+        "outputs": wrapper.output_names,
+        "adapter_inputs": [n for n in mode.fed_names if n in kept],
+    }
+
+
+def _graph_inputs(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [v.name for v in onnx.load(str(onnx_path), load_external_data=False).graph.input]

@@ -122,7 +122,7 @@ def kv_cache_inputs(model: nn.Module, example_inputs) -> KVCacheInputs:
             f"axes of size 0 or 1), got {tuple(ids.shape)} {ids.dtype}"
         )
     mask = given.get(MASK, torch.ones_like(ids))
-    params = _forward_params(model)
+    params = forward_params(model)
     if "past_key_values" not in params or "use_cache" not in params:
         raise ExportError(
             f"kv_cache=True exports decoder LMs whose forward takes past_key_values and use_cache; "
@@ -153,7 +153,8 @@ def kv_cache_inputs(model: nn.Module, example_inputs) -> KVCacheInputs:
     return KVCacheInputs(tuple(names), tuple(tensors), True, len(layers), shapes)
 
 
-def _forward_params(model: nn.Module) -> set[str]:
+def forward_params(model: nn.Module) -> set[str]:
+    """Names of ``model.forward``'s parameters (empty when its signature cannot be read)."""
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
