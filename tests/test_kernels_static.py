@@ -70,6 +70,29 @@ def test_the_checks_catch_an_fma_dot_a_spill_and_shared_memory_overflow():
     ]
 
 
+def test_the_tiles_the_full_sweep_saw_spill_are_pruned_and_do_spill():
+    """Each entry of ``SPILLS_FROM_BLOCK_R`` (found by the full sweep, not predicted by the word counts)
+    is dropped by its launcher's pruner at that rank; one of them, compiled, still spills."""
+    from lorafx.kernels._triton import configs
+
+    spec_of = {
+        "mixed": ("fused_mixed", "fp16"),
+        "segmented": ("fused_segmented", "fp16"),
+        "gather": ("fused_celora", "bf16"),
+    }
+    for (mode, bm, bn, bk, warps, fp32), block_r in configs.SPILLS_FROM_BLOCK_R.items():
+        name, dtype = spec_of[mode]
+        dtype = "fp32" if fp32 else dtype
+        tiles = {
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+            for c in ks.kept_configs(SPECS[name], dtype, block_r)
+        }
+        assert (bm, bn, bk, warps) not in tiles, (mode, bm, bn, bk, warps)
+    tile = next(c for c in configs.configs("fused") if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 64))
+    row = ks.compile_row((SPECS["fused_celora"], "fp16", tile, 64, "sm_80"))
+    assert row["spill_bytes"] > 0, row
+
+
 @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=[])
 @triton.jit
 def ieee_dot(x_ptr, w_ptr, y_ptr, BLOCK: tl.constexpr):

@@ -39,6 +39,17 @@ EXPAND_WORDS = 96
 # plus c's BLOCK_K × BLOCK_R tile: fp32 128×64 / 4 warps (64 words of x) spills 12 B on sm_80 at
 # R = 8, fp32 64×64 at R = 128 (64 words of c) 25 KB.
 SHRINK_OPERAND_WORDS = 32
+# Tiles the full sweep (882 specialisations, every config × R × dtype × flag set, sm_80 and sm_90a)
+# found spilling although the word counts above admit them: the segmented and CE-LoRA kernels keep
+# row/column index vectors live beside the tile, and an fp32 B on a half model doubles the expand's
+# B words. (kernel mode, BLOCK_M, BLOCK_N, BLOCK_K, warps, fp32 operands) -> the smallest rank block
+# that spills, with the measurement:
+SPILLS_FROM_BLOCK_R = {
+    ("mixed", 64, 128, 64, 4, False): 32,  # sm_80 fp16/bf16: 8 B at R = 32, 76 B at R = 64
+    ("segmented", 64, 128, 64, 4, False): 64,  # sm_80 fp16/bf16: 104 B at R = 64
+    ("gather", 32, 64, 32, 4, False): 64,  # CE-LoRA, sm_80 fp16/bf16: 24 B at R = 64
+    ("segmented", 32, 64, 32, 4, True): 16,  # sm_90a fp32 (3xTF32): 8 B at R = 8
+}
 # GROUP_M: consecutive programs walk GROUP_M row blocks down one column block. At M = 8192,
 # K = N = 4096, fp16, 128×128 tiles (each x or W panel 1 MiB), a wave of 132 programs (H100 SMs) in
 # the old row-block-fastest order touched all 64 x panels and 2-3 W panels (~66 MiB, over the 50 MB
@@ -76,18 +87,25 @@ def configs(kind: str) -> list:
     ]
 
 
-def fits(config, operand_bytes: int, block_r: int, b_bytes: int | None = None) -> bool:
+def fits(config, operand_bytes: int, block_r: int, b_bytes: int | None = None, mode: str = "plain") -> bool:
     """Whether ``config`` compiles without spills or shared-memory overflow for operands of
     ``operand_bytes`` (2 for fp16/bf16, 4 when the dots run on fp32 operands), rank block ``block_r``
     and the expand's B loaded with ``b_bytes`` per element (default ``operand_bytes``). CE-LoRA's
     gathered K loop needs no rule of its own: its 256×128 tile spilled 600-776 B, and ACC_PER_THREAD
-    drops that tile for every kernel. Shrink configs have no BLOCK_N: their tile is BLOCK_M × BLOCK_R."""
+    drops that tile for every kernel. Shrink configs have no BLOCK_N: their tile is BLOCK_M × BLOCK_R.
+    ``mode`` ("plain", "segmented", "gather") names the fused kernel's flag set for
+    :data:`SPILLS_FROM_BLOCK_R`; an fp32 B on half operands counts as "mixed"."""
     kw, threads = config.kwargs, 32 * config.num_warps
     bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
     if "BLOCK_N" not in kw:  # shrink: one dot of x[BLOCK_M, BLOCK_K] and c[BLOCK_K, BLOCK_R]
         words = (bm * bk + bk * block_r) * operand_bytes // 4 // threads
         return words <= SHRINK_OPERAND_WORDS and bm * block_r // threads <= ACC_PER_THREAD[min(block_r, 128)]
     bn = kw["BLOCK_N"]
+    if b_bytes is not None and b_bytes > operand_bytes and mode == "plain":
+        mode = "mixed"
+    spills_from = SPILLS_FROM_BLOCK_R.get((mode, bm, bn, bk, config.num_warps, operand_bytes == 4))
+    if spills_from is not None and block_r >= spills_from:
+        return False
     limit = min(ACC_PER_THREAD[min(block_r, 128)], ACC_PER_THREAD_FP32 if operand_bytes == 4 else 10**9)
     if bm * bn // threads > limit:
         return False
@@ -115,5 +133,6 @@ def prune(configs: list, named_args: dict, **kwargs) -> list:
     nbytes, block_r = _operand_bytes(named_args, kwargs), kwargs.get("BLOCK_R", 16)
     bt = named_args.get("bt_ptr") if kwargs.get("HAS_ADAPTER") else None
     b_bytes = bt.dtype.itemsize if bt is not None and hasattr(bt, "dtype") else None
-    kept = [c for c in configs if fits(c, nbytes, block_r, b_bytes)]
+    mode = "segmented" if kwargs.get("SEGMENTED") else "gather" if kwargs.get("GATHER_K") else "plain"
+    kept = [c for c in configs if fits(c, nbytes, block_r, b_bytes, mode)]
     return kept or configs[:1]
