@@ -157,16 +157,43 @@ def test_per_row_adapters(exported):
     assert_rows_equal_eager(model, got, ids, mask, rows)
 
 
-def test_merged_generate_batch_one(tmp_path):
-    """Merged mode: adapter b folded in; a batch of one decodes (exported with batch 2)."""
-    model = adapted(llama, ["q_proj", "v_proj"])
+@pytest.mark.parametrize(
+    "name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("qwen3", marks=pytest.mark.slow)]
+)
+def test_merged_generate_batch_one(tmp_path, name):
+    """Merged mode: adapter b folded in; a batch of one and the left-padded batch decode (exported
+    with batch 2)."""
+    build, targets = CASES[name]
+    model = adapted(build, targets)
     ids, mask = prompts(model.config.vocab_size)
     to_onnx(model, ids[:2], tmp_path, mode="merged", adapters=["b"], kv_cache=True)
     sess = AdapterSession(tmp_path)
     got = sess.generate(ids[:1], NEW)
     np.testing.assert_array_equal(got, eager_generate(model, ids[:1], mask[:1], "b"))
+    np.testing.assert_array_equal(sess.generate(ids, NEW, attention_mask=mask), eager_generate(model, ids, mask, "b"))
     with pytest.raises(ExportError, match="attention_mask"):
         AdapterSession(tmp_path).generate(ids, 0, attention_mask=mask[:, :2])
+
+
+def test_eos_ends_rows_as_transformers_does(exported):
+    """An end-of-sequence id that one row reaches early: that row is filled with the pad id from then
+    on and the others go on, exactly as transformers' generate does."""
+    model, root = exported
+    ids, mask = prompts(model.config.vocab_size)
+    config = model.generation_config
+    saved = config.eos_token_id
+    try:
+        config.eos_token_id = None
+        free = eager_generate(model, ids, mask, "a")
+        eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token
+        config.eos_token_id = eos
+        want = eager_generate(model, ids, mask, "a")
+    finally:
+        config.eos_token_id = saved
+    got = AdapterSession(root / "unmerged").generate(ids, NEW, adapter="a", attention_mask=mask, eos_token_id=eos)
+    np.testing.assert_array_equal(got, want)
+    stopped = want.shape != free.shape or not np.array_equal(want[0], free[0])
+    assert stopped and eos in want[0, ids.shape[1] :]  # row 0 did stop at its eos
 
 
 def test_sampling(exported):
