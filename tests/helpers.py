@@ -32,6 +32,19 @@ def tiny_opt(seed: int = 0) -> nn.Module:
     return OPTForCausalLM(cfg).eval()
 
 
+def tiny_t5(seed: int = 0) -> nn.Module:
+    """T5 with one encoder and one decoder layer (d_model 16); it starts decoding from its pad token, 0,
+    as the released checkpoints' configs say."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(cfg).eval()
+
+
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 

@@ -114,20 +114,9 @@ def _kv_export(model, **kw):
 
 
 def _t5():
-    import transformers as tf
+    from helpers import tiny_t5
 
-    torch.manual_seed(0)
-    cfg = tf.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-    )
-    return lorafx.apply(tf.T5ForConditionalGeneration(cfg).eval(), lorafx.Spec(lorafx.LoRA(r=2), targets=["q", "v"]))
+    return lorafx.apply(tiny_t5(), lorafx.Spec(lorafx.LoRA(r=2), targets=["q", "v"]))
 
 
 def _seq2seq_export(model, path, **kw):

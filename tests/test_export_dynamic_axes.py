@@ -13,6 +13,7 @@ from lorafx.cli.models import tiny_mlp
 from lorafx.errors import ExportError
 from lorafx.export import AdapterSession, to_onnx
 from tests.export_helpers import close
+from tests.helpers import tiny_t5
 from tests.tolerances import ONNX_FP32
 
 
@@ -88,18 +89,7 @@ def test_clip_text_and_vision_inputs_have_their_own_axes(tmp_path):
 
 @pytest.mark.slow  # 16 s on the 2-core machine when quiet, 55 s shared (three ONNX Runtime runs + export)
 def test_t5_encoder_and_decoder_lengths_are_independent(tmp_path):
-    torch.manual_seed(0)
-    cfg = tf.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-    )
-    model = _adapted(tf.T5ForConditionalGeneration(cfg), ["q", "v"])
+    model = _adapted(tiny_t5(), ["q", "v"])
     ex = {
         "input_ids": torch.randint(0, 64, (2, 7)),
         "attention_mask": torch.ones(2, 7, dtype=torch.long),

@@ -15,26 +15,12 @@ import lorafx
 from lorafx.errors import ExportError
 from lorafx.export import AdapterSession, to_onnx
 from tests.export_helpers import close, perturb
+from tests.helpers import tiny_t5 as t5
 
 pytest.importorskip("onnxruntime")
 
 NEW = 6  # new tokens per generate: the with-past graph runs 5 times over a growing cache
 EXAMPLE = {"input_ids": torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))}  # source 7
-
-
-def t5():
-    torch.manual_seed(0)
-    cfg = tf.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-    )  # T5 starts from its pad token, 0, as the released checkpoints' configs say
-    return tf.T5ForConditionalGeneration(cfg).eval()
 
 
 def bart():
