@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import lorafx
-from lorafx.cli.models import tiny_llama
+from lorafx.cli.models import tiny_llama, word_tokenizer
 from lorafx.export import AdapterSession, to_onnx
 from lorafx.export.decode import BoundStep, NumpyStep, Sampling, generate_tokens
 
@@ -106,7 +106,7 @@ def genai_fns(tmp: Path, base, model, ids: np.ndarray, new: int) -> tuple[dict, 
     notes = {}
     hf, peft_dir, built = tmp / "hf", tmp / "peft", tmp / "builder"
     base.save_pretrained(hf)
-    _tokenizer(base.config.vocab_size).save_pretrained(hf)
+    word_tokenizer(base.config.vocab_size).save_pretrained(hf)
     lorafx.to_peft(model, peft_dir, name="a0")
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(built)]
@@ -143,16 +143,6 @@ def _genai_call(og, model, adapters, ids: np.ndarray, new: int):
         return gen.get_sequence(0)
 
     return fn
-
-
-def _tokenizer(vocab: int):
-    """A WordLevel tokenizer over ``vocab`` made-up words: enough for the builder, offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
 
 
 def median_s(fns: dict, repeat: int) -> dict[str, float]:
