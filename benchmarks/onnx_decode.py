@@ -15,6 +15,10 @@ onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider):
 * unmerged, ORT adapter API — the adapter as ``onnxruntime.LoraAdapter`` (``.onnx_adapter``) activated by
   ``RunOptions.add_active_adapter``, through ``session.run`` (onnxruntime ignores it under I/O binding);
 * multi — K adapters stacked, rows cycling through them (batch 1: one row).
+
+onnxruntime-genai rows: lorafx's own KV-cache export with ``a0`` as an ``.onnx_adapter``; the model
+builder's graph with the PEFT copy of ``a0`` baked in (the reference); and the builder's graph with
+``a0`` swappable (:func:`lorafx.export.build_with_builder`: the builder's LoRA tensors as inputs).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 
 import lorafx
 from lorafx.cli.models import tiny_llama, word_tokenizer
-from lorafx.export import AdapterSession, to_onnx
+from lorafx.export import AdapterSession, build_with_builder, to_onnx
 from lorafx.export.decode import BoundStep, NumpyStep, Sampling, generate_tokens
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -99,12 +103,13 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
 
 
 def genai_fns(tmp: Path, base, model, ids: np.ndarray, new: int) -> tuple[dict, dict]:
-    """onnxruntime-genai on lorafx's unmerged export (adapter a0 active) and on the model builder's
-    graph of the same base + PEFT adapter a0 (baked in). Returns (functions, notes)."""
+    """onnxruntime-genai on lorafx's unmerged export (adapter a0 active), on the model builder's graph of
+    the same base + PEFT adapter a0 (baked in), and on the builder's graph with lorafx's a0 as a
+    swappable ``.onnx_adapter`` (:func:`lorafx.export.build_with_builder`). Returns (functions, notes)."""
     import onnxruntime_genai as og
 
     notes = {}
-    hf, peft_dir, built = tmp / "hf", tmp / "peft", tmp / "builder"
+    hf, peft_dir, built, swappable = tmp / "hf", tmp / "peft", tmp / "builder", tmp / "builder_lorafx"
     base.save_pretrained(hf)
     word_tokenizer(base.config.vocab_size).save_pretrained(hf)
     lorafx.to_peft(model, peft_dir, name="a0")
@@ -113,18 +118,27 @@ def genai_fns(tmp: Path, base, model, ids: np.ndarray, new: int) -> tuple[dict, 
     cmd += ["-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache"), "--extra_options", f"adapter_path={peft_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     notes["builder_s"] = round(time.perf_counter() - t0, 1)
-    models = {"onnxruntime-genai, lorafx unmerged export + .onnx_adapter": tmp / "unmerged"}
+    t0 = time.perf_counter()
+    build_with_builder(model, swappable, word_tokenizer(base.config.vocab_size), adapters=["a0"])
+    notes["build_with_builder_s"] = round(time.perf_counter() - t0, 1)
+    models = {
+        "onnxruntime-genai, lorafx unmerged export + .onnx_adapter": (tmp / "unmerged", "adapters/a0.onnx_adapter"),
+        "onnxruntime-genai, lorafx adapter on the builder's graph (build_with_builder)": (
+            swappable,
+            "adapters/a0.onnx_adapter",
+        ),
+    }
     if proc.returncode == 0:
-        models["onnxruntime-genai, ORT GenAI builder (PEFT adapter baked in)"] = built
+        models["onnxruntime-genai, ORT GenAI builder (PEFT adapter baked in)"] = (built, None)
     else:
         notes["builder_error"] = proc.stderr[-800:]
     fns = {}
-    for label, directory in models.items():
+    for label, (directory, adapter_file) in models.items():
         m = og.Model(str(directory))
         adapters = None
-        if directory.name == "unmerged":
+        if adapter_file is not None:
             adapters = og.Adapters(m)
-            adapters.load(str(directory / "adapters" / "a0.onnx_adapter"), "a0")
+            adapters.load(str(directory / adapter_file), "a0")
         fns[label] = _genai_call(og, m, adapters, ids, new)
     return fns, notes
 
@@ -219,7 +233,7 @@ def _merged_ref(rows: dict, name: str) -> float | None:
     """The merged row of the same runtime (latency ratios compare like with like)."""
     key = "PyTorch eager merged" if name.startswith("PyTorch") else "onnxruntime merged"
     if name.startswith("onnxruntime-genai"):
-        key = next((n for n in rows if "builder" in n), None)
+        key = next((n for n in rows if "baked in" in n), None)
     return rows.get(key, {}).get("median_s") if key else None
 
 

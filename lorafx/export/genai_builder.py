@@ -250,11 +250,13 @@ def adapter_inputs(onnx_path: Path, layout: list[SiteLayout], rank: int) -> dict
 def builder_tensors(
     layout: list[SiteLayout], inputs: dict[str, dict[str, str]], feed: dict[str, torch.Tensor]
 ) -> dict[str, np.ndarray]:
-    """One adapter's feed (``<site>.A [R, d_in]``, ``.B [d_out, R]``, ``.scale``) as the builder's inputs:
-    ``Aᵀ [d_in, R]`` and ``(s·B)ᵀ [R, d_out]``."""
+    """One adapter's feed (``<site>.A [R, d_in]``, ``.B [d_out, R]`` already ``s·B``) as the builder's
+    inputs: ``Aᵀ [d_in, R]`` and ``(s·B)ᵀ [R, d_out]``."""
     out = {}
     for sl in layout:
-        A, B, s = (feed[sl.name(k)] for k in ("A", "B", SCALE))
+        A, B = feed[sl.name("A")], feed[sl.name("B")]
+        if not sl.scale_in_b:  # a layout of an older manifest, with the scale apart
+            B = B * feed[sl.name(SCALE)]
         out[inputs[sl.site]["A"]] = A.t().contiguous().numpy()
-        out[inputs[sl.site]["B"]] = (B * s).t().contiguous().numpy()
+        out[inputs[sl.site]["B"]] = B.t().contiguous().numpy()
     return out
