@@ -112,3 +112,8 @@ def test_refusals_before_building(tmp_path):
     with pytest.raises(ExportError, match="has none"):
         build_with_builder(tiny_llama(0, layers=1), tmp_path / "p", tok)
     assert not any(tmp_path.iterdir())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match="not an earlier build_with_builder output"):
+        build_with_builder(lora, tmp_path / "mine", tok)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

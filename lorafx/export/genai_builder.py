@@ -72,7 +72,7 @@ def build_with_builder(
         model: a transformers decoder LM of a family the builder supports (Llama, Qwen, Mistral, ...)
             adapted by :func:`lorafx.apply` with gate-free variants (LoRA, DropLoRA, CE-LoRA,
             CapaBoost, Uni-LoRA) on linear sites.
-        directory: output folder (created or replaced): the builder's ``model.onnx`` (+ data),
+        directory: output folder (created, or replaced if it holds an earlier build): the builder's ``model.onnx`` (+ data),
             ``genai_config.json`` and tokenizer files, ``adapters/<name>.onnx_adapter``, and
             ``lorafx_genai.json`` (site -> graph input names, rank, adapter files).
         tokenizer: the model's tokenizer (anything with ``save_pretrained``, or a directory holding
@@ -94,7 +94,9 @@ def build_with_builder(
         raise ExportError(f"rank={rank} is below the adapters' rank {widest}; pass rank >= {widest}")
     layout = _checked_layout(model, names, R)
     directory = Path(directory)
-    with tempfile.TemporaryDirectory(prefix="lorafx-builder-") as tmp:
+    if directory.exists() and any(directory.iterdir()) and not (directory / BUILDER_MANIFEST).is_file():
+        raise ExportError(f"{directory} exists and is not an earlier build_with_builder output: not replacing it")
+    with tempfile.TemporaryDirectory(prefix="lorafx-builder-") as tmp, state.eval_mode(model):
         tmp = Path(tmp)
         _save_base(model, tokenizer, tmp / "hf")
         write_template_peft(layout, R, tmp / "peft")
