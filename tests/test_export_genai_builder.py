@@ -14,6 +14,7 @@ import lorafx
 from lorafx.errors import ExportError
 from lorafx.export.genai_builder import BUILDER_MANIFEST, build_with_builder
 from tests.export_helpers import perturb
+from tests.model_state import assert_unchanged, snapshot
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -41,7 +42,9 @@ def built(tmp_path_factory):
 
     model = adapted()
     out = tmp_path_factory.mktemp("builder") / "genai"
+    before = snapshot(model)
     manifest = build_with_builder(model, out, word_tokenizer(model.config.vocab_size))
+    assert_unchanged(before, model)  # the base weights were saved from an unloaded copy
     return model, out, manifest
 
 

@@ -81,7 +81,9 @@ def build_with_builder(
         rank: graph rank R (default: the largest adapter rank); a lower-rank adapter is zero-padded.
         execution_provider: the builder's ``-e`` (``"cpu"``, ``"cuda"``, ...); fp32 weights.
 
-    Returns the ``lorafx_genai.json`` manifest.
+    Returns the ``lorafx_genai.json`` manifest. The base weights are saved from a copy of ``model``
+    with lorafx taken off (:func:`lorafx.unload`), so peak memory holds the model twice; the live
+    model is not changed.
 
     Example:
         >>> build_with_builder(model, "out/genai", tokenizer)
