@@ -49,10 +49,11 @@ class SiteLayout:
     def scale_in_b(self) -> bool:
         """The graph input ``B`` is ``s·B`` (no scale input, no Mul node): canonical sites exported now.
 
-        Measured (Llama hidden 256, 14 sites, one decode step at past 64, batch 1, onnxruntime CPU,
-        median of 195 interleaved runs, shared machine): the Mul and the fed scale cost 47 µs of
-        the 240 µs the unmerged graph adds to the merged one's 1122 µs. Manifests written before
-        this change list a ``scale`` tensor for canonical sites, and are fed as they were."""
+        Measured (Llama hidden 256, 14 sites, one decode step at past 64, onnxruntime CPU, medians
+        of 300 / 200 interleaved runs, load average ~1.6 on 2 cores): the graph with the scale apart
+        took 1.18x / 1.18x the merged step at batch 1 / 8, this one 1.13x / 1.15x (812 -> 778 µs,
+        2351 -> 2279 µs). Manifests written before this change list a ``scale`` tensor for
+        canonical sites, and are fed as they were."""
         return self.form == "canonical" and SCALE not in self.shapes
 
     def to_dict(self) -> dict:
