@@ -6,7 +6,8 @@ Called by ``python -m benchmarks.onnx`` (rows appended to its results); alone:
 ``--prompt``-token prompt, greedy, without stopping at EOS; tokens/s = batch × new / median wall time
 of whole generate calls (prefill included), rounds interleaved so load drift hits all rows alike.
 
-onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider):
+onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider, thread-pool spinning
+off: see :func:`no_spinning`):
 
 * base / merged — plain graphs; unmerged — adapter tensors as graph inputs, as ``generate`` feeds
   them on CPU (numpy arrays through ``session.run``);
@@ -74,7 +75,7 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
     to_onnx(model, ex, tmp / "merged", mode="merged", kv_cache=True)
     to_onnx(model, ex, tmp / "unmerged", mode="unmerged", adapters=["a0"], kv_cache=True)
     to_onnx(model, ex, tmp / "multi", mode="multi", adapters=[f"a{i}" for i in range(k)], kv_cache=True)
-    s = {m: AdapterSession(tmp / m) for m in ("base", "merged", "unmerged", "multi")}
+    s = {m: AdapterSession(tmp / m, sess_options=no_spinning()) for m in ("base", "merged", "unmerged", "multi")}
     np_ids = ids.numpy()
     mask = np.ones_like(np_ids)
     gen = dict(eos_token_id=None)
@@ -100,6 +101,24 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
         ),
         f"onnxruntime multi (K={k}, rows cycle)": lambda: s["multi"].generate(np_ids, new, adapter=rows, **gen),
     }
+
+
+def no_spinning():
+    """onnxruntime session options without thread-pool spinning.
+
+    Measured here (hidden 256, 32 tokens, 12 interleaved generate calls over base, merged and
+    unmerged sessions in one process, 2 shared cores): with onnxruntime's default spinning, the
+    same merged session timed 62 ms and 104 ms depending on its place in the round (batch 8: 125
+    and 173 ms), which made the identical base graph look 0.8x merged in earlier tables; with
+    ``session.intra_op.allow_spinning = 0`` every call took 25-31 ms and two copies of one row
+    agree within 7-10%. onnxruntime-genai rows are unaffected (two copies of the builder row
+    within 1%)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def genai_fns(tmp: Path, base, model, ids: np.ndarray, new: int) -> tuple[dict, dict]:
