@@ -30,8 +30,9 @@ graph is built in a temporary folder and moved into ``directory`` once everythin
 Measured here (onnxruntime-genai, greedy, 32 new tokens, 7-9 interleaved generate calls, shared
 2-core machine): on a Llama of hidden 256, 2 layers, r 16 on all 7 projections, this graph with the
 adapter active takes 1.02-1.04x the time of the builder's graph with the same adapter baked in
-(batch 1: 23.0 vs 22.6 ms; batch 8: 46.5 vs 45.1 ms), the same with the zero defaults removed: most likely the adapter matrices being inputs rather than
-constants onnxruntime can prepack (not verified; one decode step in onnxruntime itself: 1807 vs 1865 µs);
+(batch 1: 23.0 vs 22.6 ms; batch 8: 46.5 vs 45.1 ms). Not the zero defaults (removing them
+changes nothing), and not the graph in onnxruntime itself (one decode step, batch 8, past 32: 1807
+µs with adapter inputs vs 1865 µs baked): what genai adds per run for adapter inputs is unprofiled.
 lorafx's own unmerged KV export takes 1.43x. On the benchmark Llama (hidden 1024, 4 layers) the two
 builder graphs are within noise (16 tokens; batch 8: 1171 vs 1150 / 1158 ms).
 """
