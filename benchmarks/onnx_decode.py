@@ -6,7 +6,8 @@ Called by ``python -m benchmarks.onnx`` (rows appended to its results); alone:
 ``--prompt``-token prompt, greedy, without stopping at EOS; tokens/s = batch × new / median wall time
 of whole generate calls (prefill included), rounds interleaved so load drift hits all rows alike.
 
-onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider):
+onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider, thread-pool spinning
+off: see :func:`no_spinning`):
 
 * base / merged — plain graphs; unmerged — adapter tensors as graph inputs, as ``generate`` feeds
   them on CPU (numpy arrays through ``session.run``);
@@ -15,6 +16,10 @@ onnxruntime rows (lorafx ``AdapterSession.generate``, CPU execution provider):
 * unmerged, ORT adapter API — the adapter as ``onnxruntime.LoraAdapter`` (``.onnx_adapter``) activated by
   ``RunOptions.add_active_adapter``, through ``session.run`` (onnxruntime ignores it under I/O binding);
 * multi — K adapters stacked, rows cycling through them (batch 1: one row).
+
+onnxruntime-genai rows: lorafx's own KV-cache export with ``a0`` as an ``.onnx_adapter``; the model
+builder's graph with the PEFT copy of ``a0`` baked in (the reference); and the builder's graph with
+``a0`` swappable (:func:`lorafx.export.build_with_builder`: the builder's LoRA tensors as inputs).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import numpy as np
 import torch
 
 import lorafx
-from lorafx.cli.models import tiny_llama
-from lorafx.export import AdapterSession, to_onnx
+from lorafx.cli.models import tiny_llama, word_tokenizer
+from lorafx.export import AdapterSession, build_with_builder, to_onnx
 from lorafx.export.decode import BoundStep, NumpyStep, Sampling, generate_tokens
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,7 +75,7 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
     to_onnx(model, ex, tmp / "merged", mode="merged", kv_cache=True)
     to_onnx(model, ex, tmp / "unmerged", mode="unmerged", adapters=["a0"], kv_cache=True)
     to_onnx(model, ex, tmp / "multi", mode="multi", adapters=[f"a{i}" for i in range(k)], kv_cache=True)
-    s = {m: AdapterSession(tmp / m) for m in ("base", "merged", "unmerged", "multi")}
+    s = {m: AdapterSession(tmp / m, sess_options=no_spinning()) for m in ("base", "merged", "unmerged", "multi")}
     np_ids = ids.numpy()
     mask = np.ones_like(np_ids)
     gen = dict(eos_token_id=None)
@@ -98,33 +103,61 @@ def ort_fns(tmp: Path, base, model, ids: torch.Tensor, new: int, k: int) -> dict
     }
 
 
+def no_spinning():
+    """onnxruntime session options without thread-pool spinning.
+
+    Measured here (hidden 256, 32 tokens, 12 interleaved generate calls over base, merged and
+    unmerged sessions in one process, 2 shared cores): with onnxruntime's default spinning, the
+    same merged session timed 62 ms and 104 ms depending on its place in the round (batch 8: 125
+    and 173 ms), which made the identical base graph look 0.8x merged in earlier tables; with
+    ``session.intra_op.allow_spinning = 0`` every call took 25-31 ms and two copies of one row
+    agree within 7-10%. onnxruntime-genai rows are unaffected (two copies of the builder row
+    within 1%)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def genai_fns(tmp: Path, base, model, ids: np.ndarray, new: int) -> tuple[dict, dict]:
-    """onnxruntime-genai on lorafx's unmerged export (adapter a0 active) and on the model builder's
-    graph of the same base + PEFT adapter a0 (baked in). Returns (functions, notes)."""
+    """onnxruntime-genai on lorafx's unmerged export (adapter a0 active), on the model builder's graph of
+    the same base + PEFT adapter a0 (baked in), and on the builder's graph with lorafx's a0 as a
+    swappable ``.onnx_adapter`` (:func:`lorafx.export.build_with_builder`). Returns (functions, notes)."""
     import onnxruntime_genai as og
 
     notes = {}
-    hf, peft_dir, built = tmp / "hf", tmp / "peft", tmp / "builder"
+    hf, peft_dir, built, swappable = tmp / "hf", tmp / "peft", tmp / "builder", tmp / "builder_lorafx"
     base.save_pretrained(hf)
-    _tokenizer(base.config.vocab_size).save_pretrained(hf)
+    word_tokenizer(base.config.vocab_size).save_pretrained(hf)
     lorafx.to_peft(model, peft_dir, name="a0")
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(built)]
     cmd += ["-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache"), "--extra_options", f"adapter_path={peft_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     notes["builder_s"] = round(time.perf_counter() - t0, 1)
-    models = {"onnxruntime-genai, lorafx unmerged export + .onnx_adapter": tmp / "unmerged"}
+    t0 = time.perf_counter()
+    build_with_builder(model, swappable, word_tokenizer(base.config.vocab_size), adapters=["a0"])
+    notes["build_with_builder_s"] = round(time.perf_counter() - t0, 1)
+    models = {
+        "onnxruntime-genai, lorafx unmerged export + .onnx_adapter": (tmp / "unmerged", "adapters/a0.onnx_adapter"),
+        "onnxruntime-genai, lorafx adapter on the builder's graph (build_with_builder)": (
+            swappable,
+            "adapters/a0.onnx_adapter",
+        ),
+    }
     if proc.returncode == 0:
-        models["onnxruntime-genai, ORT GenAI builder (PEFT adapter baked in)"] = built
+        models["onnxruntime-genai, ORT GenAI builder (PEFT adapter baked in)"] = (built, None)
     else:
         notes["builder_error"] = proc.stderr[-800:]
     fns = {}
-    for label, directory in models.items():
+    for label, (directory, adapter_file) in models.items():
         m = og.Model(str(directory))
         adapters = None
-        if directory.name == "unmerged":
+        if adapter_file is not None:
             adapters = og.Adapters(m)
-            adapters.load(str(directory / "adapters" / "a0.onnx_adapter"), "a0")
+            adapters.load(str(directory / adapter_file), "a0")
         fns[label] = _genai_call(og, m, adapters, ids, new)
     return fns, notes
 
@@ -143,16 +176,6 @@ def _genai_call(og, model, adapters, ids: np.ndarray, new: int):
         return gen.get_sequence(0)
 
     return fn
-
-
-def _tokenizer(vocab: int):
-    """A WordLevel tokenizer over ``vocab`` made-up words: enough for the builder, offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
 
 
 def median_s(fns: dict, repeat: int) -> dict[str, float]:
@@ -229,7 +252,7 @@ def _merged_ref(rows: dict, name: str) -> float | None:
     """The merged row of the same runtime (latency ratios compare like with like)."""
     key = "PyTorch eager merged" if name.startswith("PyTorch") else "onnxruntime merged"
     if name.startswith("onnxruntime-genai"):
-        key = next((n for n in rows if "builder" in n), None)
+        key = next((n for n in rows if "baked in" in n), None)
     return rows.get(key, {}).get("median_s") if key else None
 
 

@@ -124,7 +124,8 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
     needed by the base matmul's backward)."""
     if B.dim() == 3:  # per-row adapters: h [rows, T/rows, R], scale [rows]
         rows = B.shape[0]
-        hs = h * torch.as_tensor(scale).to(h.dtype).reshape(rows, 1, 1)
+        one = isinstance(scale, float) and scale == 1.0  # the scale is in B (ONNX export): no Mul
+        hs = h if one else h * torch.as_tensor(scale).to(h.dtype).reshape(rows, 1, 1)
         return y + torch.bmm(hs, B.transpose(1, 2).to(hs.dtype)).reshape(y.shape).to(y.dtype)
     alpha = scale
     if isinstance(alpha, Tensor):
@@ -222,7 +223,7 @@ def lora_linear_functional(x: Tensor, weight: Tensor, bias: Tensor | None, low: 
         x=low.x.to(dtype),
         A=low.A.to(dtype),
         B=low.B.to(dtype),
-        scale=torch.as_tensor(low.scale).to(dtype),
+        scale=low.scale if isinstance(low.scale, float) else torch.as_tensor(low.scale).to(dtype),  # 1.0: no Mul
         gate=None if low.gate is None else low.gate.to(dtype),
         h=None if low.h is None else low.h.to(dtype),
     )

@@ -4,8 +4,8 @@ modes:
   merged    the active adapter folded into the base weights (fp32 sum, rounded once): a plain graph
             with the base model's operators that any ONNX server runs. Refused for gated variants
             (MoR), whose update depends on the input.
-  unmerged  each adapted site's tensors (A [R, d_in], B [d_out, R], scale; MoR: its own weights and
-            router) are named graph inputs; adapter files and lorafx_export.json are written beside
+  unmerged  each adapted site's tensors (A [R, d_in], B [d_out, R] fed as scale*B; MoR: its own weights,
+            router and scale) are named graph inputs; adapter files and lorafx_export.json are written beside
             the model. One graph serves any adapter of the same layout and rank <= R.
   multi     K adapters stacked on a leading axis plus an adapter_ids [batch] input: one run serves
             a batch whose rows use different adapters (Gather + MatMul, standard ONNX only).

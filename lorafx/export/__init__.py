@@ -9,6 +9,8 @@ the functions that need them (install ``lorafx[onnx]``).
   encoder-decoder models as encoder + decoder + decoder-with-past graphs (:mod:`lorafx.export.seq2seq`).
 * :class:`AdapterSession` — one onnxruntime session, many adapters, per-row adapters in a batch,
   ``generate`` over a KV-cache export.
+* :func:`build_with_builder` — ORT GenAI's model builder graph (fused attention, shared KV buffer) with
+  lorafx's gate-free adapters as swappable ``.onnx_adapter`` files for onnxruntime-genai.
 * :func:`check_onnx` — export, run onnxruntime, return the max abs difference against eager.
 
 Export traces copies of the rewritten regions (:mod:`lorafx.passes.feed_adapters`) swapped in for
@@ -17,6 +19,7 @@ the trace only, so it works whatever the live sites call (e.g. after ``lorafx.co
 
 from lorafx.export.check import check_onnx, compare_export
 from lorafx.export.exporter import MODES, ExportResult, to_onnx
+from lorafx.export.genai_builder import build_with_builder
 from lorafx.export.inputs import ExampleInputs
 from lorafx.export.modes import Merged, Mode, Multi, Unmerged
 from lorafx.export.session import AdapterSession
@@ -31,6 +34,7 @@ __all__ = [
     "Mode",
     "Multi",
     "Unmerged",
+    "build_with_builder",
     "check_onnx",
     "compare_export",
     "form_of",

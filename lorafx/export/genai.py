@@ -9,8 +9,9 @@ With them, the export directory of a decoder LM is an onnxruntime-genai model di
   the graph concatenates the past with the new keys (``present`` is past + seq long), so it cannot
   write into a preallocated max-length buffer as the builder's GroupQueryAttention graphs do.
 * unmerged mode: every adapter as ``adapters/<name>.onnx_adapter`` (``onnxruntime.AdapterFormat``:
-  tensors named as the graph inputs, zero-padded to the exported rank), and a zero initializer
-  behind every adapter input, so a run without an active adapter is the base model (scale 0) rather
+  tensors named as the graph inputs, zero-padded to the exported rank; a canonical site's ``B``
+  is already ``s·B``, as the graph takes it), and a zero initializer
+  behind every adapter input, so a run without an active adapter is the base model (zero B) rather
   than a missing-input error; an active adapter overrides them.
 
 Multi mode is not written for onnxruntime-genai: its ``adapter_ids [batch]`` input is not one genai

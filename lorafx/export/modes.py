@@ -175,7 +175,7 @@ class Unmerged(Fed):
 
     def lower(self, sl: SiteLayout, x: torch.Tensor) -> Lowered:
         t = {k: self.feed[sl.name(k)] for k in sl.shapes}
-        return lower_from(sl.template, x, t)._replace(scale=t[SCALE])
+        return lower_from(sl.template, x, t)._replace(scale=t.get(SCALE, 1.0))  # no scale: it is in B
 
 
 class Multi(Fed):
@@ -195,7 +195,7 @@ class Multi(Fed):
     def lower(self, sl: SiteLayout, x: torch.Tensor) -> Lowered:
         ids = self.feed[IDS]
         rows = {k: self.feed[sl.name(k)].index_select(0, ids) for k in sl.shapes}  # ONNX Gather: [b, ...]
-        scale = rows.pop(SCALE).reshape(-1)
+        scale = rows.pop(SCALE).reshape(-1) if SCALE in rows else 1.0  # no scale: it is in B
         if sl.form == "canonical":
             return Lowered(x, rows["A"], rows["B"], scale)
         return _vmapped(sl, x, rows, scale)

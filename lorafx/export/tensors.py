@@ -10,7 +10,10 @@ Each site is exported in one of two forms, chosen from the adapter itself:
   the variant's own :meth:`Adapter.lower` on them (``torch.func.functional_call``), so input-dependent
   parts such as MoR's router become graph ops whose weights are inputs.
 
-In both forms the scale ``s`` is an input too (shape ``[1]``), so adapters with another alpha fit.
+Adapters with another alpha fit too: in the ``params`` form the scale ``s`` is an input (shape
+``[1]``); in the ``canonical`` form the graph's ``B`` input is ``s·B`` (no Mul node per site, see
+:attr:`lorafx.export.layout.SiteLayout.scale_in_b`). :func:`site_tensors` and the adapter files keep
+``s`` apart in both forms; :func:`lorafx.export.layout.make_feed` folds it when feeding.
 A variant can choose its own tensors by giving its ``Adapter`` two methods, ``export_tensors(self) ->
 dict[str, Tensor]`` and ``lower_from(self, x, tensors) -> Lowered``; that form is called ``custom``.
 """
