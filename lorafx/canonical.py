@@ -150,11 +150,12 @@ def expand(y: Tensor, h: Tensor, B: Tensor, scale: float | Tensor, inplace: bool
 def _compiled_one_token_inference(h: Tensor) -> bool:
     """True while Dynamo (not torch.export: ONNX graphs keep their MatMul) traces a call without
     autograd whose ``h`` holds one token, provably, so that no shape guard is added."""
+    if not torch.compiler.is_dynamo_compiling():  # eager: one cheap call, nothing imported
+        return False
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return (
-        torch.compiler.is_dynamo_compiling()
-        and not torch.compiler.is_exporting()
+        not torch.compiler.is_exporting()
         and not torch.is_grad_enabled()
         and statically_known_true(h.numel() == h.shape[-1])
     )
