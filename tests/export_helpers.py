@@ -66,6 +66,29 @@ def eager(model: nn.Module, inputs, name: str | None) -> np.ndarray:
     return out.numpy()
 
 
+def genai_decode(model_dir, adapters: dict, ids: np.ndarray, adapter: str | None, new: int, exact: bool = False):
+    """Greedy onnxruntime-genai tokens ``[batch, prompt + new]`` of the model in ``model_dir`` with the
+    ``.onnx_adapter`` files ``adapters`` (name -> path under ``model_dir``) loaded and ``adapter`` active
+    (None: none, the zero defaults). ``exact``: exactly ``new`` tokens (no stop at EOS), a batch of rows."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    loaded = og.Adapters(model)
+    for name, path in adapters.items():
+        loaded.load(str(model_dir / path), name)
+    params = og.GeneratorParams(model)
+    n = ids.shape[1] + new
+    extra = {"min_length": n, "batch_size": ids.shape[0]} if exact else {}
+    params.set_search_options(max_length=n, do_sample=False, **extra)
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        gen.set_active_adapter(loaded, adapter)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return np.stack([np.array(gen.get_sequence(i)) for i in range(ids.shape[0])])
+
+
 def close(got: np.ndarray, want: np.ndarray) -> None:
     torch.testing.assert_close(torch.from_numpy(np.asarray(got)), torch.from_numpy(want), **ONNX_FP32)
 

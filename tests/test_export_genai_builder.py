@@ -13,7 +13,7 @@ import torch
 import lorafx
 from lorafx.errors import ExportError
 from lorafx.export.genai_builder import BUILDER_MANIFEST, build_with_builder
-from tests.export_helpers import perturb
+from tests.export_helpers import genai_decode, perturb
 from tests.model_state import assert_unchanged, snapshot
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -49,20 +49,7 @@ def built(tmp_path_factory):
 
 
 def genai_tokens(directory, manifest: dict, ids: np.ndarray, adapter: str | None) -> np.ndarray:
-    model = og.Model(str(directory))
-    adapters = og.Adapters(model)
-    for name, rel in manifest["adapters"].items():
-        adapters.load(str(directory / rel), name)
-    params = og.GeneratorParams(model)
-    n = ids.shape[1] + NEW
-    params.set_search_options(max_length=n, min_length=n, do_sample=False, batch_size=ids.shape[0])
-    gen = og.Generator(model, params)
-    if adapter is not None:
-        gen.set_active_adapter(adapters, adapter)
-    gen.append_tokens(ids)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return np.stack([np.array(gen.get_sequence(i)) for i in range(ids.shape[0])])
+    return genai_decode(directory, manifest["adapters"], ids, adapter, NEW, exact=True)
 
 
 @pytest.mark.parametrize("adapter", ["a", "b", None])

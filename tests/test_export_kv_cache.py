@@ -13,7 +13,7 @@ from lorafx.errors import ExportError
 from lorafx.export import AdapterSession, compare_export, to_onnx
 from lorafx.export.decode import BoundStep, NumpyStep, Sampling, generate_tokens
 from lorafx.export.kv_cache import kv_cache_inputs
-from tests.export_helpers import perturb
+from tests.export_helpers import genai_decode, perturb
 from tests.tolerances import ONNX_FP32
 
 pytest.importorskip("onnxruntime")
@@ -269,21 +269,9 @@ def test_kv_cache_bad_input(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def genai_generate(model_dir, adapters_dir: dict, ids: np.ndarray, adapter) -> np.ndarray:
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(model_dir))
-    adapters = og.Adapters(model)
-    for name, path in adapters_dir.items():
-        adapters.load(str(model_dir / path), name)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=ids.shape[1] + NEW, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter is not None:
-        gen.set_active_adapter(adapters, adapter)
-    gen.append_tokens(ids)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return np.stack([np.array(gen.get_sequence(i)) for i in range(ids.shape[0])])
+def genai_generate(model_dir, adapters: dict, ids: np.ndarray, adapter) -> np.ndarray:
+    pytest.importorskip("onnxruntime_genai")
+    return genai_decode(model_dir, adapters, ids, adapter, NEW)
 
 
 @pytest.mark.parametrize("adapter", ["a", "b", None])
