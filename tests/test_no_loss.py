@@ -292,7 +292,7 @@ def test_failed_export_keeps_the_previous_export_and_foreign_directories_are_ref
     def broken(*args, **kwargs):
         raise RuntimeError("exporter crashed halfway")
 
-    monkeypatch.setattr(exporter, "_export", broken)
+    monkeypatch.setattr(exporter, "_export_graph", broken)
     with pytest.raises(RuntimeError, match="halfway"):
         lorafx.export.to_onnx(model, x, tmp_path / "out", mode="merged")
     monkeypatch.undo()
