@@ -45,6 +45,18 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def tiny_unet(seed: int = 0) -> nn.Module:
+    """A diffusers UNet2DConditionModel with two blocks (channels 8, 16), cross-attention width 8."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+
+
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 

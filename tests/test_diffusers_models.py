@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_unet
 from tolerances import ONNX_FP32, assert_close
 
 import lorafx
@@ -13,24 +14,8 @@ peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
 
 # Every Conv2d of the UNet (ResNet convs, shortcuts, down/upsamplers, conv_in/conv_out: 33) and the
-# linears proj_in/proj_out/to_q/to_v of its transformer blocks (16): 49 sites on the config below.
+# linears proj_in/proj_out/to_q/to_v of its transformer blocks (16): 49 sites on tests/helpers.tiny_unet.
 UNET_TARGETS = ["conv1", "conv2", "conv_in", "conv_out", "conv_shortcut", "conv", "proj_in", "proj_out", "to_q", "to_v"]
-
-
-def tiny_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
 
 
 def _batch(seed: int):

@@ -13,7 +13,7 @@ from lorafx.cli.models import tiny_mlp
 from lorafx.errors import ExportError
 from lorafx.export import AdapterSession, to_onnx
 from tests.export_helpers import close
-from tests.helpers import tiny_t5
+from tests.helpers import tiny_t5, tiny_unet
 from tests.tolerances import ONNX_FP32
 
 
@@ -157,23 +157,10 @@ def test_axis_specialised_in_the_graph_is_named(tmp_path):
 
 @pytest.mark.slow  # 25 s quiet, more shared (diffusers import + export)
 def test_diffusers_unet_exports_with_defaults(tmp_path):
-    from diffusers import UNet2DConditionModel
-
+    pytest.importorskip("diffusers")
     from lorafx.export import compare_export
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    unet = tiny_unet()
     unet = _adapted(unet, ["to_q", "to_v"])
     ex = {
         "sample": torch.randn(2, 4, 8, 8),
