@@ -7,6 +7,8 @@ export and PEFT conversion are written once against that form.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -102,6 +104,16 @@ class Adapter(nn.Module):
 
     def lower(self, x: torch.Tensor) -> Lowered:
         raise NotImplementedError
+
+    # A class that sets ``eval_is_lora = True`` in its own body says: out of training, lower() is plain
+    # LoRA on eager_operands() (A, contiguous Bᵀ, float s). Adapted regions called eagerly without
+    # autograd then evaluate it in three ops (lorafx.canonical.eager_lora_linear). Not inherited: a
+    # subclass with other math must not get the fast path by accident.
+    eval_is_lora: ClassVar[bool] = False
+
+    def eager_operands(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, Bᵀ contiguous, s)`` for an eager evaluation without autograd, or None (see :attr:`eval_is_lora`)."""
+        return None
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(Aᵉ, Bᵉ, s) with no input: what merging folds. Variants with a gate raise."""

@@ -20,13 +20,12 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from lorafx import site_kinds
+from lorafx.adapted_region import CONTAINER, AdaptedRegion
 from lorafx.adapter import SiteAdapters
 from lorafx.canonical import lora_linear, quantized_lora_linear
 from lorafx.errors import TraceError
 from lorafx.moe import expert_linear
 from lorafx.passes.find_sites import LinearSite, find_sites
-
-CONTAINER = "lorafx"
 
 
 def site_key(local_fqn: str) -> str:
@@ -69,7 +68,7 @@ def carry_hooks(source: nn.Module, target: nn.Module) -> None:
 
 
 def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``graph`` with ``gm``'s module tree: the same children,
+    """A new region (:class:`~lorafx.adapted_region.AdaptedRegion`) over a copy of ``graph`` with ``gm``'s module tree: the same children,
     parameters and buffers (shared, never copied), training flag, hooks and lorafx state record.
 
     ``fx.GraphModule(gm, graph)`` alone copies only what the graph references, rebuilding the path to
@@ -79,7 +78,7 @@ def copy_graph_module(gm: fx.GraphModule | nn.Module, graph: fx.Graph, class_nam
     new_graph = fx.Graph()
     out = new_graph.graph_copy(graph, {})
     new_graph.output(out)
-    new = fx.GraphModule(gm, new_graph, class_name=class_name)
+    new = AdaptedRegion(gm, new_graph, class_name=class_name)
     new._modules.update(gm._modules)
     new._parameters.update(gm._parameters)
     new._buffers.update(gm._buffers)

@@ -52,6 +52,8 @@ class DropLoRAAdapter(LoRAAdapter):
     """LoRA's parameters (``lora_A [r, d_in]``, ``lora_B [d_out, r]``, same init); the gate is a fresh
     rank-slot mask in training only, so eval and merge are LoRA's own."""
 
+    eval_is_lora = True  # no gate out of training: the eager fast path's three ops are exact
+
     def lower(self, x: torch.Tensor) -> Lowered:
         p = self.config.rank_dropout
         gate = None
