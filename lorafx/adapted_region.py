@@ -16,7 +16,8 @@ Each site of the twin still chooses per call between three ops and the canonical
 (:func:`lorafx.canonical.eager_lora_linear`), so the result is the canonical one in every case.
 Measured on the benchmark Llama (hidden 1024, 4 layers, LoRA r = 16 on all seven projections, batch 1,
 2 threads, medians of 200 interleaved decode steps in one process): 1.11–1.13× the base model's step
-before, see ``benchmarks/overhead.py --decode`` for the current rows.
+through the canonical graph, 1.075–1.09× through the twin (``benchmarks/overhead.py --decode`` has
+the whole-``generate`` rows).
 
 A deep copy keeps the class (GraphModule's ``__deepcopy__`` re-runs ``__init__``); an unpickled
 region comes back as a plain GraphModule (torch.fx rebuilds it from its code) and is as exact, only

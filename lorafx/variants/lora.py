@@ -85,6 +85,8 @@ class LoRA(LoRAFields):
 
 
 _HAS_DISTRIBUTED = torch.distributed.is_available()
+# The module attributes LoRAAdapter.eager_operands caches from: assigning any of them drops the cache.
+_CACHED_FROM = frozenset({"lora_A", "lora_B", "scale_t", "_parameters", "_buffers"})
 
 
 def _distributed() -> bool:
@@ -156,34 +158,66 @@ class LoRAAdapter(Adapter):
         inference-mode tensors).
 
         The copy is a detached cache outside the parameters (training, compiled graphs and files see
-        ``B`` itself). It is reused while ``A``, ``B`` and the scale tensor are the same objects, ``B``
-        has the same storage and version and the scale the same version; it is dropped on every
-        move, cast and ``train``/``eval`` switch. Writes that bypass the version counter (``B.data``
-        in place, collectives writing into a parameter) would not be seen, so under
+        ``B`` itself). A call checks only what can change without passing through this module: ``B``'s
+        version counter and storage, and the scale tensor's version (every other check, run per site
+        per decode step, cost ~1% of the step). Everything else drops the cache when it happens: a new
+        ``lora_A``/``lora_B``/``scale_t`` (``__setattr__``, ``register_*``, ``del``), a move or cast,
+        a state-dict load, every ``train``/``eval`` switch. Writes that bypass the version counter
+        (``B.data`` in place, collectives writing into a parameter) would not be seen, so under
         ``torch.distributed`` there is no cache, and ``model.eval()`` after a write through ``.data``
         refreshes it.
         """
+        seen = self.__dict__.get("_inference")
+        if seen is not None:
+            B, t, key, ops = seen
+            if key == (B._version, t._version, B.data_ptr()) and not _distributed():
+                return ops
+        return self._cache_eager_operands()
+
+    def _cache_eager_operands(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
         t = self._buffers["scale_t"]
-        if A is None or B is None or _distributed():
+        if A is None or B is None or _distributed():  # parametrized / FSDP views, or DDP/FSDP's writes
             return None
         try:
-            key = (B._version, B.data_ptr(), t._version)
+            key = (B._version, t._version, B.data_ptr())
         except RuntimeError:  # inference-mode tensors keep no version counter
             return None
-        seen = self.__dict__.get("_inference")
-        if seen is not None and seen[0] is A and seen[1] is B and seen[2] is t and seen[3] == key:
-            return seen[4]
         ops = (A, B.detach().t().contiguous(), self.scale_arg())
-        self.__dict__["_inference"] = (A, B, t, key, ops)
+        self.__dict__["_inference"] = (B, t, key, ops)
         return ops
 
+    def _drop_eager_operands(self) -> None:
+        self.__dict__.pop("_inference", None)
+
+    def __setattr__(self, name, value):
+        if name in _CACHED_FROM:
+            self._drop_eager_operands()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in _CACHED_FROM:
+            self._drop_eager_operands()
+        super().__delattr__(name)
+
+    def register_parameter(self, name, param):
+        self._drop_eager_operands()
+        super().register_parameter(name, param)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        self._drop_eager_operands()
+        super().register_buffer(name, tensor, persistent)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_eager_operands()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_inference", None)  # a move or cast makes new tensors (and a stale copy)
+        self._drop_eager_operands()  # a move or cast makes new tensors (and a stale copy)
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_inference", None)
+        self._drop_eager_operands()
         return super().train(mode)
 
     def dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, Dropped | None]:
