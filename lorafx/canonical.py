@@ -192,7 +192,7 @@ def eager_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sites) -> 
     for an evaluating plain-LoRA adapter (a class that says ``eval_is_lora``), three ops,
     ``y = x Wᵀ + b``, ``h = x Aᵀ``, ``y += s·h Bᵀ`` on the adapter's cached contiguous ``Bᵀ``;
     anything else (other variants, dropout in training, per-row or several adapters, hooks on the
-    container, a parameter without a trusted cache) goes the canonical way, ``lora_linear(x, W, b, sites(x))``.
+    container or a ``forward`` set on it, a parameter without a trusted cache) goes the canonical way, ``lora_linear(x, W, b, sites(x))``.
 
     Why a second entry: a decode step streams every weight once (~330 MB on the benchmark Llama) and
     evicts the interpreter's code and data between sites, so each Python-level call costs 8–15 µs
@@ -204,7 +204,8 @@ def eager_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sites) -> 
     a = sites._slot
     ops = None
     if type(a).__dict__.get("eval_is_lora", False) and not a.training:  # (a per-row or several-adapter slot says no)
-        if not (sites._forward_pre_hooks or sites._forward_hooks):
+        # hooks, or a forward replaced on the instance (accelerate's hooks do that), need the module call
+        if not (sites._forward_pre_hooks or sites._forward_hooks or "forward" in sites.__dict__):
             ops = a.eager_operands()
     if ops is None:
         return lora_linear(x, weight, bias, sites(x))

@@ -140,12 +140,15 @@ def test_other_variants_go_the_canonical_way_and_droplora_evaluates_as_lora(vari
 
 def test_hooks_on_a_site_container_still_fire():
     model = _model(second=False)
-    sa = next(iter(lorafx.iter_sites(model).values()))
+    sa, other = list(lorafx.iter_sites(model).values())[:2]
     seen = []
     handle = sa.register_forward_hook(lambda m, i, o: seen.append(o))
+    forward = other.forward  # as accelerate's add_hook_to_module does: a forward set on the instance
+    other.forward = lambda x: (seen.append("instance forward"), forward(x))[1]
     y = _logits(model)
     handle.remove()
-    assert len(seen) == 1 and seen[0] is not None
+    del other.forward
+    assert len(seen) == 2 and seen[0] is not None and seen[1] == "instance forward"
     assert torch.equal(y, _canonical_logits(model))
 
 
