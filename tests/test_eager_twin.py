@@ -93,6 +93,12 @@ def test_the_twin_follows_every_state_change(container_calls):
         "state dict load": lambda: model.load_state_dict(
             {k: v * 2 if "lora_B" in k else v for k, v in model.state_dict().items()}
         ),
+        "B replaced in the parameter dict": lambda: [
+            sa.adapters["default"]._parameters.__setitem__(
+                "lora_B", torch.nn.Parameter(sa.adapters["default"].lora_B.detach() + 0.5)
+            )
+            for sa in sites.values()
+        ],
         "several active": lambda: lorafx.set_adapter(model, ["default", "b"]),
         "merged": lambda: (lorafx.set_adapter(model, "default"), lorafx.merge(model)),
         "unmerged": lambda: lorafx.unmerge(model),

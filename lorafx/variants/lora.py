@@ -159,7 +159,7 @@ class LoRAAdapter(Adapter):
 
         The copy is a detached cache outside the parameters (training, compiled graphs and files see
         ``B`` itself). A call checks only what can change without passing through this module: ``B``'s
-        version counter and storage, and the scale tensor's version (every other check, run per site
+        version counter, storage and object, ``A``'s object, and the scale tensor's version (every other check, run per site
         per decode step, cost ~1% of the step). Everything else drops the cache when it happens: a new
         ``lora_A``/``lora_B``/``scale_t`` (``__setattr__``, ``register_*``, ``del``), a move or cast,
         a state-dict load, every ``train``/``eval`` switch. Writes that bypass the version counter
@@ -170,7 +170,13 @@ class LoRAAdapter(Adapter):
         seen = self.__dict__.get("_inference")
         if seen is not None:
             B, t, key, ops = seen
-            if key == (B._version, t._version, B.data_ptr()) and not _distributed():
+            params = self._parameters  # a write straight into the dict bypasses __setattr__
+            if (
+                key == (B._version, t._version, B.data_ptr())
+                and params.get("lora_B") is B
+                and params.get("lora_A") is ops[0]
+                and not _distributed()
+            ):
                 return ops
         return self._cache_eager_operands()
 
