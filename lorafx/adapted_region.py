@@ -3,8 +3,8 @@
 ``lorafx.apply`` replaces each region of a model by an :class:`AdaptedRegion` (made by
 :func:`lorafx.passes.insert_adapters.insert_adapters`). It is an ``fx.GraphModule`` in every way that
 passes, torch.compile, export, pickling and ``state_dict`` see, with one addition: every (re)compile
-also builds the graph's eager twin (:mod:`lorafx.passes.eager_sites`), and ``forward`` runs the twin
-for a call that is
+also builds the graph's eager twin (:mod:`lorafx.passes.eager_sites`) and makes it ``forward``; the
+twin's first statement hands every call to the canonical graph's code unless the call is
 
 * eager (not torch.compile/export, not ``torch.jit.trace``, not fx tracing: the first argument is a
   plain ``torch.Tensor``, so fake, functorch and subclass tensors go the canonical way),
@@ -15,9 +15,10 @@ for a call that is
 Each site of the twin still chooses per call between three ops and the canonical pair
 (:func:`lorafx.canonical.eager_lora_linear`), so the result is the canonical one in every case.
 Measured on the benchmark Llama (hidden 1024, 4 layers, LoRA r = 16 on all seven projections, batch 1,
-2 threads, medians of 200 interleaved decode steps in one process): 1.11–1.13× the base model's step
-through the canonical graph, 1.075–1.09× through the twin (``benchmarks/overhead.py --decode`` has
-the whole-``generate`` rows).
+2 threads, medians of 150–200 interleaved decode steps in one process): 1.11–1.13× the base model's
+step through the canonical graph; through the twin 1.09–1.10× when it was a wrapper around the twin
+function, 1.078× with the guard as the twin's first statement and the containers read from
+``lorafx._modules`` (``benchmarks/overhead.py --decode`` has the whole-``generate`` rows).
 
 A deep copy keeps the class (GraphModule's ``__deepcopy__`` re-runs ``__init__``); an unpickled
 region comes back as a plain GraphModule (torch.fx rebuilds it from its code) and is as exact, only
@@ -25,8 +26,6 @@ without the twin.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import fx
@@ -39,12 +38,47 @@ from lorafx.passes.eager_sites import eager_sites_graph
 CONTAINER = "lorafx"
 
 
-def _no_global_hooks() -> bool:
-    return not (
-        _module._global_forward_pre_hooks
-        or _module._global_forward_hooks
-        or _module._global_forward_hooks_always_called
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling  # the function torch.compile and export answer True for
+_jit_tracing = torch._C._is_tracing
+
+
+def _not_eager(first) -> bool:
+    """True when a call must take the canonical graph: autograd on, a first argument that is not a plain
+    ``torch.Tensor`` (fx proxies, fake, functorch and subclass tensors), torch.compile/export,
+    ``torch.jit.trace``, or global module hooks (the twin does not call the site containers as modules).
+    The cheapest test that decides most calls comes first (training steps: grad mode)."""
+    return (
+        _grad_enabled()
+        or type(first) is not torch.Tensor
+        or _is_compiling()
+        or _jit_tracing()
+        or bool(
+            _module._global_forward_pre_hooks
+            or _module._global_forward_hooks
+            or _module._global_forward_hooks_always_called
+        )
     )
+
+
+class _GuardedTwin(fx.graph.CodeGen):
+    """Code of the eager twin whose first statement hands every call :func:`_not_eager` refuses to the
+    canonical ``forward``: one Python frame per region call instead of a wrapper around the twin (the
+    wrapper cost ~2% of a decode step on the benchmark Llama, ~17 µs per region call with cold caches)."""
+
+    def __init__(self, canonical, params: list[str]):
+        super().__init__()
+        self._canonical = canonical
+        self._params = params  # the forward's parameters as the canonical forward takes them
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs):
+        head = super().gen_fn_def(free_vars, maybe_return_annotation, **kwargs)
+        first = self._params[0]
+        call = ", ".join(["self", *self._params])
+        return f"{head}\n    if _lorafx_not_eager({first}):\n        return _lorafx_canonical({call})"
+
+    def additional_globals(self):
+        return [("_lorafx_not_eager", _not_eager), ("_lorafx_canonical", self._canonical)]
 
 
 class AdaptedRegion(fx.GraphModule):
@@ -53,23 +87,15 @@ class AdaptedRegion(fx.GraphModule):
     def recompile(self):
         code = super().recompile()
         cls = type(self)  # GraphModule makes one class per instance: forward is set per region
-        canonical = cls.forward
         twin = eager_sites_graph(self.graph, CONTAINER)
-        if twin is None:
+        params = [n.target for n in self.graph.nodes if n.op == "placeholder"]  # "*args" for varargs
+        if twin is None or not params or params[0].startswith("*") or type(twin._codegen) is not fx.graph.CodeGen:
+            # no plain site, a first parameter that is not one value (regions are traced from named
+            # parameters), or a codegen (pytree) whose signature this one cannot mirror: canonical only
             return code
+        twin.set_codegen(_GuardedTwin(cls.forward, params))
         src = twin.python_code(root_module="self")
         namespace = dict(src.globals)
         exec(compile(src.src, f"<lorafx eager twin of {cls.__name__}>", "exec"), namespace)  # noqa: S102
-        eager = namespace["forward"]
-
-        @functools.wraps(canonical)
-        def forward(self, *args, **kwargs):
-            if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.jit.is_tracing():
-                return canonical(self, *args, **kwargs)
-            first = args[0] if args else next(iter(kwargs.values()), None)
-            if type(first) is torch.Tensor and _no_global_hooks():
-                return eager(self, *args, **kwargs)
-            return canonical(self, *args, **kwargs)
-
-        cls.forward = forward
+        cls.forward = namespace["forward"]
         return code

@@ -203,10 +203,12 @@ def eager_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sites) -> 
     """
     a = sites._slot
     ops = None
-    if type(a).__dict__.get("eval_is_lora", False) and not a.training:  # (a per-row or several-adapter slot says no)
-        # hooks, or a forward replaced on the instance (accelerate's hooks do that), need the module call
-        if not (sites._forward_pre_hooks or sites._forward_hooks or "forward" in sites.__dict__):
-            ops = a.eager_operands()
+    # A per-row or several-adapter slot is no eval_is_lora class; hooks, or a forward replaced on the
+    # instance (accelerate's hooks do that), need the module call; training: eager_operands says None.
+    if type(a).__dict__.get("eval_is_lora", False) and not (
+        sites._forward_pre_hooks or sites._forward_hooks or "forward" in sites.__dict__
+    ):
+        ops = a.eager_operands()
     if ops is None:
         return lora_linear(x, weight, bias, sites(x))
     A, Bt, s = ops

@@ -193,3 +193,54 @@ def test_deepcopy_keeps_the_twin_and_a_pickled_model_stays_exact(container_calls
     assert all(isinstance(r, AdaptedRegion) for r in twin.modules() if is_region(r))
     loaded = pickle.loads(pickle.dumps(model))
     assert torch.equal(_logits(loaded), y)  # a plain GraphModule again: the canonical path
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 12), torch.nn.Linear(12, 6)
+
+    def forward(self, x, shift=None):
+        y = self.down(torch.relu(self.up(x)))
+        return y if shift is None else y + shift
+
+
+class _Keyword(torch.nn.Module):
+    """Traces whole: the model is one region, called below with keyword arguments only."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x, shift):
+        return self.block(shift=shift, x=x)
+
+
+def test_a_region_called_with_keywords_runs_the_twin_exactly(container_calls):
+    torch.manual_seed(0)
+    plain = _Keyword().eval()
+    model = lorafx.apply(
+        copy.deepcopy(plain), lorafx.Spec(lorafx.LoRA(r=2, alpha=4, init="random"), targets=["up", "down"])
+    )
+    model.eval()
+    assert isinstance(model, AdaptedRegion)
+    x, other = torch.randn(3, 8), torch.randn(3, 6)
+
+    def run(m):
+        return m(shift=other, x=x)  # the twin's guard reads its first parameter, x, by name
+
+    with torch.no_grad():
+        got = run(model)
+    assert container_calls == []  # the twin ran: the site container was not called
+    up, down = (lorafx.iter_sites(model)[f"block.{k}"]._slot for k in ("up", "down"))
+    with torch.no_grad():
+        h = plain.block.up(x) + up.scale * (x @ up.lora_A.t()) @ up.lora_B.t()
+        h = torch.relu(h)
+        ref = plain.block.down(h) + down.scale * (h @ down.lora_A.t()) @ down.lora_B.t() + other
+        assert torch.equal(got, _canonical_run(model, run))
+    assert_close(got, ref)
+
+
+def _canonical_run(model, run):
+    with _canonical():
+        return run(model)

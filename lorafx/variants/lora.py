@@ -84,13 +84,10 @@ class LoRA(LoRAFields):
         return LoRAAdapter(self, in_features, out_features, site)
 
 
-_HAS_DISTRIBUTED = torch.distributed.is_available()
-# The module attributes LoRAAdapter.eager_operands caches from: assigning any of them drops the cache.
-_CACHED_FROM = frozenset({"lora_A", "lora_B", "scale_t", "_parameters", "_buffers"})
-
-
-def _distributed() -> bool:
-    return _HAS_DISTRIBUTED and torch.distributed.is_initialized()
+# The module attributes LoRAAdapter.eager_operands caches from or depends on: assigning any of them drops the cache.
+_CACHED_FROM = frozenset({"lora_A", "lora_B", "scale_t", "_parameters", "_buffers", "training"})
+# Bound once: the per-call check runs per site per decode step, where each frame costs µs (cold caches).
+_distributed = torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: str) -> None:
@@ -154,8 +151,8 @@ class LoRAAdapter(Adapter):
 
     def eager_operands(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A [r, d_in], Bᵀ [r, d_out] contiguous, s)`` for an eager call without autograd, or None
-        where no cached ``Bᵀ`` can be trusted (parametrized or FSDP parameters, ``torch.distributed``,
-        inference-mode tensors).
+        in training and where no cached ``Bᵀ`` can be trusted (parametrized or FSDP parameters,
+        ``torch.distributed``, inference-mode tensors).
 
         The copy is a detached cache outside the parameters (training, compiled graphs and files see
         ``B`` itself). A call checks only what can change without passing through this module: ``B``'s
@@ -183,7 +180,7 @@ class LoRAAdapter(Adapter):
     def _cache_eager_operands(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
         t = self._buffers["scale_t"]
-        if A is None or B is None or _distributed():  # parametrized / FSDP views, or DDP/FSDP's writes
+        if self.training or A is None or B is None or _distributed():  # parametrized / FSDP views, or DDP/FSDP's writes
             return None
         try:
             key = (B._version, t._version, B.data_ptr())
