@@ -58,6 +58,8 @@ class Spec:
     unit_strides: tuple = ()
     ranked: bool = True
     dtypes: tuple = DTYPES
+    # the two pointers whose types decide DOT_FP32 as the launcher does (default: the first two arguments)
+    dot_operands: tuple | None = None
 
     def resolve(self):
         import importlib
@@ -70,6 +72,12 @@ _I64 = {"order_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i64", "kidx_ptr
 _FUSED_UNIT = ("stride_xk", "stride_wk", "stride_hr", "stride_br", "stride_yn")  # x2, W.t(), h, B.t(), y
 _FUSED = dict(HAS_BIAS=True, HAS_ADAPTER=True, SEGMENTED=False, GATHER_K=False)
 _SHRINK = dict(HAS_GATE=False, SEGMENTED=False)
+# The 4-bit kernel decodes bitsandbytes' packed weight (uint8 codes, uint8 double-quantized scales, fp32
+# tables) to x's dtype: its DOT_FP32 follows x alone; bitsandbytes' default blocks are 64 and 256.
+_4BIT = "lorafx.kernels._triton.lora_4bit:lora_4bit_kernel"
+_Q4 = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=False, ALIGNED=True, TRANS=False, HAS_BIAS=True, HAS_ADAPTER=True)
+_Q4_PTRS = {"q_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
+            "offset_ptr": "*fp32", "h_ptr": "*fp32", "bt_ptr": "*fp32"}  # fmt: skip
 # The launchers' calls (lorafx/kernels/_triton/launchers.py), one Spec per distinct specialization.
 SPECS = [
     Spec("fused", "fused_kernel", _FUSED, {**_I64, "h_ptr": "*fp32"}, _FUSED_UNIT),
@@ -85,6 +93,14 @@ SPECS = [
          "s_ptr": "*fp32"}, ("stride_xk", "stride_ck", "stride_hr")),  # A.t(): [K, R] with stride (1, K)
     Spec("shrink_gate_segmented", "shrink_kernel", {"HAS_GATE": True, "SEGMENTED": True},
          {**_I64, "g_ptr": "*fp32", "h_ptr": "*fp32", "s_ptr": "*fp32"}, ("stride_xk", "stride_ck", "stride_hr")),
+    # lorafx/kernels/lora_linear_4bit.py: forward (bt = B.t()), the same on a K that is no multiple of
+    # the quant block (per-element scales, no double quant), and the backward's dX (TRANS, bt = A)
+    Spec("lora_4bit", _4BIT, {**_Q4, "NESTED": True}, _Q4_PTRS, ("stride_xk", "stride_hr", "stride_br", "stride_yn"),
+         dot_operands=("x_ptr", "x_ptr")),
+    Spec("lora_4bit_elementwise", _4BIT, {**_Q4, "ALIGNED": False}, {**_Q4_PTRS, "absmax_ptr": "*fp32"},
+         ("stride_xk", "stride_hr", "stride_br", "stride_yn"), dot_operands=("x_ptr", "x_ptr")),
+    Spec("lora_4bit_dx", _4BIT, {**_Q4, "NESTED": True, "TRANS": True, "HAS_BIAS": False}, _Q4_PTRS,
+         ("stride_xk", "stride_hr", "stride_bn", "stride_yn"), dot_operands=("x_ptr", "x_ptr")),
 ]  # fmt: skip
 
 
@@ -94,7 +110,7 @@ def _types(spec: Spec, dtype: str) -> dict:
 
 def dot_fp32(spec: Spec, dtype: str) -> bool:
     """The launchers' DOT_FP32 for this specialization: the two GEMM operands not one half type."""
-    first, second = spec.resolve().fn.arg_names[:2]  # x and w (fused), x and c (shrink)
+    first, second = spec.dot_operands or spec.resolve().fn.arg_names[:2]  # x and w (fused), x and c (shrink)
     types = {**{n: f"*{dtype}" for n in (first, second)}, **_types(spec, dtype)}
     return types[first] == "*fp32" or types[first] != types[second]
 
@@ -105,7 +121,13 @@ def kept_configs(spec: Spec, dtype: str, R: int) -> list:
 
     kernel = spec.resolve()
     flags = {"DOT_FP32": dot_fp32(spec, dtype), "BLOCK_R": _block_r(R), **spec.flags}
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "i64": torch.int64}
+    torch_dtype = {
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "fp32": torch.float32,
+        "i64": torch.int64,
+        "u8": torch.uint8,
+    }
     types = _types(spec, dtype)
     named = {n: torch.empty(0, dtype=torch_dtype[types.get(n, f"*{dtype}")[1:]]) for n in kernel.fn.arg_names}
     named = {n: t for n, t in named.items() if n.endswith("_ptr")}

@@ -30,6 +30,10 @@ SUBSET = [
     ("gemm_grad", "fp16", 8, (-1,)),
     ("shrink", "fp16", 128, (-1,)),
     ("shrink_gate_segmented", "fp32", 8, (-1,)),
+    ("lora_4bit", "fp16", 16, (1,)),  # 64×64×64: 4 HGMMA in the K loop + 1 expand on sm_90a
+    ("lora_4bit", "fp32", 128, (-1,)),  # 3xTF32 decode-GEMM and expand at the widest rank
+    ("lora_4bit_elementwise", "bf16", 64, (-1,)),  # per-element scales gathered beside the tile
+    ("lora_4bit_dx", "fp16", 32, (-1,)),  # the backward's transposed decode, 128×64 over 8 warps
 ]
 
 
@@ -90,6 +94,26 @@ def test_the_tiles_the_full_sweep_saw_spill_are_pruned_and_do_spill():
         assert (bm, bn, bk, warps) not in tiles, (mode, bm, bn, bk, warps)
     tile = next(c for c in configs.configs("fused") if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 64))
     row = ks.compile_row((SPECS["fused_celora"], "fp16", tile, 64, "sm_80"))
+    assert row["spill_bytes"] > 0, row
+
+
+def test_the_4bit_tiles_the_sweep_saw_spill_are_pruned():
+    """Each (path, operand type, tile, rank block) of the 4-bit kernel's ``_SPILLS`` is dropped by its
+    pruner at that rank block, and one of them, compiled anyway, spills (the table is not stale)."""
+    from lorafx.kernels._triton import lora_4bit
+
+    spec_of = {"forward": "lora_4bit", "elementwise": "lora_4bit_elementwise", "dx": "lora_4bit_dx"}
+    checked = 0
+    for (path, fp32, bm, bn), blocks in lora_4bit._SPILLS.items():
+        for block_r in blocks:
+            kept = ks.kept_configs(SPECS[spec_of[path]], "fp32" if fp32 else "fp16", block_r)
+            assert kept and (bm, bn) not in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+            checked += 1
+    assert checked > 20
+    tile = next(
+        c for c in lora_4bit.lora_4bit_kernel.configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128)
+    )
+    row = ks.compile_row((SPECS["lora_4bit"], "fp16", tile, 16, "sm_80"))
     assert row["spill_bytes"] > 0, row
 
 

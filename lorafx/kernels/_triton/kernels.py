@@ -8,7 +8,7 @@ read-modify-write of the ``[M, N]`` output: 2·M·N·2 bytes, 128 MiB at M = 819
 Multi-adapter batches (SEGMENTED) run the same kernels over rows grouped by adapter (Punica's SGMV):
 each program takes one adapter's rows (:func:`_row_block`), so the adapter products stay ``tl.dot``s
 instead of per-row gathers. Both kernels share their K loop (:func:`_k_loop`), and every dot, the
-expand included, goes through :func:`_mma` onto tensor cores. Configs: :mod:`.configs`.
+expand included, goes through :func:`tensor_core_dot` onto tensor cores. Configs: :mod:`.configs`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _k_loop(
         b = tl.load(
             b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
         )
-        acc = _mma(a, b, acc, DOT_FP32)
+        acc = tensor_core_dot(a, b, acc, DOT_FP32)
     return acc
 
 
@@ -68,7 +68,7 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr):
+def tensor_core_dot(a, b, acc, DOT_FP32: tl.constexpr):
     # acc + a @ b on tensor cores. DOT_FP32 (fp32 or mixed operands): both upcast, then 3xTF32 (hi·hi +
     # hi·lo + lo·hi of a tf32 split): HMMA/HGMMA at ~fp32 accuracy where plain tf32 keeps 10 of fp32's
     # 23 mantissa bits and "ieee" runs on FFMA (2,048 per thread at a 128×256×16 tile, measured).
@@ -164,7 +164,7 @@ def fused_kernel(
             )
             if not DOT_FP32:  # fp16/bf16: h (fp32, already scaled) rounded to the operand dtype, as PEFT does
                 h = h.to(x_ptr.dtype.element_ty)
-            acc = _mma(h, bt, acc, DOT_FP32)
+            acc = tensor_core_dot(h, bt, acc, DOT_FP32)
     # ---- epilogue: bias, one write in the output dtype
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafx.kernels._triton.kernels import tensor_core_dot
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -81,17 +83,48 @@ def _decode_tile(
     return w * scale
 
 
+# Tiles that spill at a rank block although the rules of _prune admit them, read off the static sweep
+# (``python -m benchmarks.kernels --static``: ``ptxas -v`` on sm_80 and sm_90a, every config x dtype x
+# R in 8..128; rank blocks 16 covers R 8 and 16). (path, fp32 operands, BLOCK_M, BLOCK_N) -> rank
+# blocks. Half operands: sm_80's mma.sync keeps both operands in registers, so 64 x 128 runs out at every
+# rank (255 registers, 292-952 B), the others spill 8-12 B at one rank each. fp32 operands (3xTF32
+# keeps hi and lo halves of both): 64 x 64 and up spill 32 B to 80 KB on sm_80.
+_EVERY = frozenset({16, 32, 64, 128})
+_SPILLS = {
+    ("forward", False, 64, 128): _EVERY,
+    ("forward", False, 32, 64): {16},
+    ("forward", False, 16, 64): {64},
+    ("forward", False, 128, 64): {64},
+    ("forward", True, 16, 64): {16},  # 12 B on sm_90a at R = 8
+    ("forward", True, 32, 64): {128},  # 280-296 B
+    ("forward", True, 64, 64): _EVERY,
+    ("forward", True, 64, 128): _EVERY,
+    ("forward", True, 128, 64): _EVERY,
+    ("elementwise", True, 32, 64): _EVERY,  # 76-644 B
+    ("dx", True, 32, 64): {64, 128},  # 304-480 B
+    ("dx", True, 64, 64): {16, 128},  # 32 B at R = 8, 2.7 KB at R = 128 (sm_80)
+    ("dx", True, 128, 64): _EVERY,
+}
+
+
 def _prune(configs, named_args, **kwargs) -> list:
     """Without ALIGNED the scales are a [BLOCK_K, BLOCK_N] gather: 64 x 64 x 64 tiles spill on sm_80
     (ptxas: 255 registers, 88 bytes spill stores) and 64 x 128 x 64 on sm_90a (80 bytes), so only
-    tiles up to 32 x 64 are kept (sm_80: 228-242 registers, no spills). The aligned forward (every
-    real model: K a multiple of 64) keeps them all; the aligned TRANS tile spans BLOCK_N columns of a
-    W row, which must stay inside one quant block (64 or more): BLOCK_N <= 64."""
-    if not kwargs.get("ALIGNED", True):
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64] or configs[:1]
-    if kwargs.get("TRANS", False):
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs[:1]
-    return configs
+    tiles up to 32 x 64 are kept (sm_80: 228-242 registers, no spills). The aligned TRANS tile spans
+    BLOCK_N columns of a W row, which must stay inside one quant block (64 or more): BLOCK_N <= 64.
+    Then the tiles :data:`_SPILLS` measured spilling at this rank block and operand type go; the
+    first config (16 x 64) stands in if none is left."""
+    aligned, trans = kwargs.get("ALIGNED", True), kwargs.get("TRANS", False)
+    if not aligned:
+        path, kept = "elementwise", [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64]
+    elif trans:
+        path, kept = "dx", [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
+    else:
+        path, kept = "forward", list(configs)
+    key = (path, bool(kwargs.get("DOT_FP32", False)))
+    block_r = kwargs.get("BLOCK_R", 16)
+    clean = [c for c in kept if block_r not in _SPILLS.get((*key, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
+    return clean or kept[:1] or configs[:1]
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "R"], prune_configs_by={"early_config_prune": _prune})
@@ -127,10 +160,9 @@ def lora_4bit_kernel(
             q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, k0, n0, rk, rn, k_mask, n_mask, KW,
             BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, TRANS,
         )  # fmt: skip
-        if DOT_FP32:  # fp32 inputs: ieee dots (tf32 would drop 13 mantissa bits)
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:  # half inputs: W rounded to x's dtype, as bitsandbytes' dequantize-then-GEMM does
-            acc += tl.dot(a, w.to(a.dtype))
+        # fp32 x: 3xTF32 on tensor cores (an "ieee" dot runs on FFMA); half x: W rounded to x's dtype,
+        # as bitsandbytes' dequantize-then-GEMM does
+        acc = tensor_core_dot(a, w, acc, DOT_FP32)
     # ---- adapter expand into the same accumulator (h already carries s and the gate)
     if HAS_ADAPTER:
         rr = tl.arange(0, BLOCK_R)
@@ -143,10 +175,8 @@ def lora_4bit_kernel(
             mask=r_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
-        if DOT_FP32:
-            acc += tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        else:  # h and Bᵀ in x's dtype: a tensor-core dot (fp32 operands would run on CUDA cores)
-            acc += tl.dot(h.to(x_ptr.dtype.element_ty), bt.to(x_ptr.dtype.element_ty))
+        # h and Bᵀ in x's dtype (half x: h rounded, as the fused kernel's expand), or 3xTF32 for fp32 x
+        acc = tensor_core_dot(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32)
     # ---- epilogue: bias, one write in the output dtype
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
