@@ -85,7 +85,7 @@ def _decode_tile(
 
 # Tiles that spill at a rank block although the rules of _prune admit them, read off the static sweep
 # (``python -m benchmarks.kernels --static``: ``ptxas -v`` on sm_80 and sm_90a, every config x dtype x
-# R in 8..128; rank blocks 16 covers R 8 and 16). (path, fp32 operands, BLOCK_M, BLOCK_N) -> rank
+# R in 8..128; rank block 16 covers R = 8 and 16). (path, fp32 operands, BLOCK_M, BLOCK_N) -> rank
 # blocks. Half operands: sm_80's mma.sync keeps both operands in registers, so 64 x 128 runs out at every
 # rank (255 registers, 292-952 B), the others spill 8-12 B at one rank each. fp32 operands (3xTF32
 # keeps hi and lo halves of both): 64 x 64 and up spill 32 B to 80 KB on sm_80.
