@@ -47,10 +47,9 @@ def eager_sites_graph(graph: fx.Graph, container: str) -> fx.Graph | None:
         )
         if not plain:
             continue
-        if containers is None:
-            with new.inserting_after(_last_placeholder(new)):
-                containers = new.get_attr(f"{container}._modules")
         with new.inserting_before(node):
+            if containers is None:  # before the first site, so before every other site too
+                containers = new.get_attr(f"{container}._modules")
             sites = new.call_function(operator.getitem, (containers, low.target.removeprefix(f"{container}.")))
             fast = new.call_function(eager_lora_linear, (x, weight, bias, sites))
         fast.meta.update(node.meta)
@@ -62,12 +61,3 @@ def eager_sites_graph(graph: fx.Graph, container: str) -> fx.Graph | None:
         return None
     new.lint()
     return new
-
-
-def _last_placeholder(graph: fx.Graph) -> fx.Node:
-    last = None
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            break
-        last = node
-    return last
