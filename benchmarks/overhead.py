@@ -9,7 +9,8 @@ lorafx relative to PEFT. The added FLOPs of the adapters are ~2% of the base mod
     .venv/bin/python benchmarks/overhead.py --decode [--quick] [--repeats N] [--no-compile]
 
 ``--decode`` times KV-cache decoding instead (batch 1 and 8, eager ``generate`` and a compiled static-cache
-loop; see ``benchmarks/_decode.py``) and writes ``results/overhead_decode.{json,md}``.
+loop, then single decode steps of each, interleaved; see ``benchmarks/_decode.py``) and writes
+``results/overhead_decode.{json,md}``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _decode import compiled_steps, generate_fn, static_decode_fn  # noqa: E402
+from _decode import compiled_steps, generate_fn, static_decode_fn, step_fn  # noqa: E402
 from common import interleaved_medians, speed_rows, write_results  # noqa: E402
 
 import lorafx  # noqa: E402
@@ -113,6 +114,7 @@ def decode_main(args) -> None:
                 f"| {mode}, batch {batch} | {t['base'] * 1e3:.2f} | {t['lorafx'] * 1e3:.2f} | {t['peft'] * 1e3:.2f} "
                 f"| {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
             )
+    step_rows, past = decode_step_rows(models, steps, args, data, max_len=4 + new)
     flops = added_flop_ratio(fx_model)
     md = [
         f"KV-cache decoding, greedy, prompt 4 tokens + {new} new, same model and LoRA r = 16 on all linears "
@@ -124,11 +126,56 @@ def decode_main(args) -> None:
         "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        f"Single decode steps (one new token at {past} cached, the cache put back after each; same "
+        f"models): medians of {step_repeats(args)} steps interleaved round-robin.",
+        "",
+        "| decode step | base ms | lorafx ms | PEFT ms | lorafx / base | PEFT / base |",
+        "|---|---:|---:|---:|---:|---:|",
+        *step_rows,
+        "",
     ]
-    data["config"] = {"quick": args.quick, "new_tokens": new, "repeats": repeats, "r": 16}
+    data["config"] = {
+        "quick": args.quick,
+        "new_tokens": new,
+        "repeats": repeats,
+        "r": 16,
+        "step_past": past,
+        "step_repeats": step_repeats(args),
+    }
     path = write_results("overhead_decode" + ("_quick" if args.quick else "") + args.tag, data, "\n".join(md))
     print("\n".join(md))
     print(f"written {path}")
+
+
+STEP_PAST = 20  # cached tokens before the timed step
+
+
+def step_repeats(args) -> int:
+    return 20 if args.quick else 200
+
+
+def decode_step_rows(models: dict, steps: dict | None, args, data: dict, max_len: int) -> tuple[list[str], int]:
+    """Single-step rows (``_decode.step_fn``), eager and compiled, each batch, at ``STEP_PAST`` cached
+    tokens (fewer if the compiled loops' cache, ``max_len``, is shorter); fills ``data``. Returns the
+    rows and the past length."""
+    rows = []
+    vocab = models["base"].config.vocab_size
+    past = min(STEP_PAST, max_len - 1)
+    for batch in args.batches:
+        modes = {"eager": {k: step_fn(m, m, batch, past, vocab) for k, m in models.items()}}
+        if steps is not None:
+            modes["compiled"] = {k: step_fn(m, steps[k], batch, past, vocab, static=max_len) for k, m in models.items()}
+        for mode, fns in modes.items():
+            t = interleaved_medians(fns, step_repeats(args), warmup=5)
+            data[f"step_{mode}_batch{batch}"] = {
+                "ms": {k: v * 1e3 for k, v in t.items()},
+                "ratio_to_base": {k: v / t["base"] for k, v in t.items()},
+            }
+            rows.append(
+                f"| {mode}, batch {batch} | {t['base'] * 1e3:.2f} | {t['lorafx'] * 1e3:.2f} | {t['peft'] * 1e3:.2f} "
+                f"| {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
+            )
+    return rows, past
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ Measured on the benchmark Llama (hidden 1024, 4 layers, LoRA r = 16 on all seven
 2 threads, medians of 150–200 interleaved decode steps in one process): 1.11–1.13× the base model's
 step through the canonical graph; through the twin 1.09–1.10× when it was a wrapper around the twin
 function, 1.078× with the guard as the twin's first statement and the containers read from
-``lorafx._modules`` (``benchmarks/overhead.py --decode`` has the whole-``generate`` rows).
+``lorafx._modules``, 1.064–1.077× (six processes; 1.074–1.087× for the code before, side by side)
+called as a plain module without fx's call wrapper and with a frameless ``torch.distributed`` check
+(``benchmarks/overhead.py --decode`` has the whole-``generate`` and single-step rows).
 
 A deep copy keeps the class (GraphModule's ``__deepcopy__`` re-runs ``__init__``); an unpickled
 region comes back as a plain GraphModule (torch.fx rebuilds it from its code) and is as exact, only
@@ -26,6 +28,9 @@ without the twin.
 """
 
 from __future__ import annotations
+
+import itertools
+import linecache
 
 import torch
 from torch import fx
@@ -38,6 +43,7 @@ from lorafx.passes.eager_sites import eager_sites_graph
 CONTAINER = "lorafx"
 
 
+_twins = itertools.count()  # names the twins' generated files
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling  # the function torch.compile and export answer True for
 _jit_tracing = torch._C._is_tracing
@@ -87,6 +93,14 @@ class AdaptedRegion(fx.GraphModule):
     def recompile(self):
         code = super().recompile()
         cls = type(self)  # GraphModule makes one class per instance: forward is set per region
+        # GraphModule.recompile sets cls.__call__ to a wrapper (two Python frames and a super() per call)
+        # whose only job is to print the generated code around an exception's line to stderr. A region
+        # is called once per site or block per token: the wrapper cost ~1% of a decode step on the
+        # benchmark Llama (five processes, 0.5-2.4%). Without it a call is nn.Module.__call__, found
+        # through the MRO at each call (so fx's tracer still sees the patched one), and an exception
+        # keeps its full traceback through the generated code.
+        if "__call__" in cls.__dict__:
+            del cls.__call__
         twin = eager_sites_graph(self.graph, CONTAINER)
         params = [n.target for n in self.graph.nodes if n.op == "placeholder"]  # "*args" for varargs
         if twin is None or not params or params[0].startswith("*") or type(twin._codegen) is not fx.graph.CodeGen:
@@ -96,6 +110,8 @@ class AdaptedRegion(fx.GraphModule):
         twin.set_codegen(_GuardedTwin(cls.forward, params))
         src = twin.python_code(root_module="self")
         namespace = dict(src.globals)
-        exec(compile(src.src, f"<lorafx eager twin of {cls.__name__}>", "exec"), namespace)  # noqa: S102
+        name = f"<lorafx eager twin {next(_twins)}>"  # in linecache: tracebacks show the twin's lines
+        linecache.cache[name] = (len(src.src), None, src.src.splitlines(keepends=True), name)
+        exec(compile(src.src, name, "exec"), namespace)  # noqa: S102
         cls.forward = namespace["forward"]
         return code

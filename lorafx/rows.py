@@ -224,6 +224,34 @@ def adapter_names_post_hook(module: nn.Module, args: tuple, kwargs: dict, output
     return None
 
 
+# The root runs both hooks eagerly under torch.compile too (torch.compiler.disable): entering per_row
+# is Python state the compiled forward guards on, and Dynamo cannot enter it (fullgraph=True raised
+# "Unsupported context manager"); left to Dynamo each hook was also a compiled frame of its own whose
+# guards cost ~50 µs per call (0.35% of a compiled decode step of the benchmark Llama). The wrappers are
+# built on first use (torch.compiler imports Dynamo and triton, which `import lorafx` must not) and
+# carry a module-level name of their own, so that a pickled model finds them again (``__getattr__``).
+_EAGER_HOOKS = {
+    "eager_adapter_names_pre_hook": adapter_names_pre_hook,
+    "eager_adapter_names_post_hook": adapter_names_post_hook,
+}
+_eager_built: dict[str, object] = {}
+
+
+def _eager_hook(name: str):
+    hook = _eager_built.get(name)
+    if hook is None:
+        hook = torch.compiler.disable(_EAGER_HOOKS[name])
+        hook.__name__ = hook.__qualname__ = name
+        _eager_built[name] = hook
+    return hook
+
+
+def __getattr__(name: str):
+    if name in _EAGER_HOOKS:
+        return _eager_hook(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class GenerateWithAdapterNames:
     """Stands in for ``root.generate`` (an instance attribute over the class's method, as
     :class:`lorafx.apply.RefusedEdit`): ``generate(..., adapter_names=[...])`` runs the class's
@@ -247,10 +275,11 @@ class GenerateWithAdapterNames:
 def install_adapter_names_hooks(root: nn.Module, undo: list) -> None:
     """Make ``root(..., adapter_names=[...])`` and ``root.generate(..., adapter_names=[...])`` run per
     row (once per model; ``undo`` removes both)."""
-    if any(h is adapter_names_pre_hook for h in root._forward_pre_hooks.values()):
+    pre_hook, post_hook = (_eager_hook(name) for name in _EAGER_HOOKS)
+    if any(h in (pre_hook, adapter_names_pre_hook) for h in root._forward_pre_hooks.values()):
         return
-    pre = root.register_forward_pre_hook(adapter_names_pre_hook, with_kwargs=True)
-    post = root.register_forward_hook(adapter_names_post_hook, with_kwargs=True, always_call=True)
+    pre = root.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    post = root.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
     undo.extend([pre.remove, post.remove])
     if callable(getattr(type(root), "generate", None)) and "generate" not in root.__dict__:
         root.__dict__["generate"] = GenerateWithAdapterNames(root)
@@ -260,9 +289,10 @@ def install_adapter_names_hooks(root: nn.Module, undo: list) -> None:
 def remove_adapter_names_hooks(root: nn.Module) -> None:
     """Undo :func:`install_adapter_names_hooks` (``lorafx.unload``)."""
     hooks = (root._forward_pre_hooks, root._forward_hooks)
-    for store, fn in zip(hooks, (adapter_names_pre_hook, adapter_names_post_hook), strict=True):
+    for store, name in zip(hooks, _EAGER_HOOKS, strict=True):
+        fns = (_EAGER_HOOKS[name], _eager_hook(name))  # the plain function: models pickled before the wrappers
         for hid, hook in list(store.items()):
-            if hook is fn:
+            if hook in fns:
                 del store[hid]
                 root._forward_hooks_with_kwargs.pop(hid, None)
                 root._forward_pre_hooks_with_kwargs.pop(hid, None)

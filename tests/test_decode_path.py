@@ -148,6 +148,8 @@ def test_no_transposed_copy_under_torch_distributed(tmp_path):
     import torch.distributed as dist
 
     model, adapter = _site()
+    with torch.no_grad():  # a copy made before the process group exists is not used once it does
+        assert _expand_b(model, torch.randn(2, 12)).t().is_contiguous()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:  # collectives write into parameters without bumping versions: the parameter is read each call
         with torch.no_grad():

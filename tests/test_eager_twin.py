@@ -244,3 +244,27 @@ def test_a_region_called_with_keywords_runs_the_twin_exactly(container_calls):
 def _canonical_run(model, run):
     with _canonical():
         return run(model)
+
+
+def test_a_region_is_called_as_a_plain_module():
+    """No fx call wrapper: hooks on a region run, an error keeps its traceback through the twin's
+    generated lines, and fx's tracer (which patches nn.Module.__call__) still traces through."""
+    model = _model(second=False)
+    region = next(m for m in model.modules() if is_region(m) and m.graph.find_nodes(op="placeholder"))
+    for r in (region, copy.deepcopy(region)):
+        assert "__call__" not in type(r).__dict__ and type(r).__call__ is torch.nn.Module.__call__
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        plain = region(x)
+        handle = region.register_forward_hook(lambda m, i, o: o * 2)
+        pre = region.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+        assert torch.equal(region(x), 2 * region.forward(x + 1))
+        handle.remove(), pre.remove()
+        with pytest.raises(RuntimeError) as err:
+            region(torch.randn(2, 3, 65))  # wrong width: the base matmul refuses it inside the twin
+    frames = [f for f in err.traceback if str(f.path).startswith("<lorafx eager twin")]
+    assert frames and "eager_lora_linear" in str(frames[-1].statement)
+    outer = torch.nn.Sequential(region)
+    traced = fx.symbolic_trace(outer)
+    assert lora_linear in {n.target for n in traced.graph.nodes}
+    assert torch.equal(traced(x), plain)

@@ -7,6 +7,8 @@ so the sampling RNG stream, is the same as the mixed run's).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from variant_cases import example_configs
@@ -231,6 +233,36 @@ def test_compiled_model_does_not_recompile_when_rows_change(how):
                 with lorafx.using_adapter(model, names):
                     got = compiled(x)
                 assert_close(got, _rowwise_plain(model, x, names))
+
+
+def test_adapter_names_under_torch_compile_run_per_row_and_the_hooks_stay_eager():
+    """The root's adapter_names= hooks run eagerly under torch.compile (no frame of theirs is
+    compiled); the compiled forward sees the per-row state they enter and equals the row-wise model."""
+    torch._dynamo.reset()
+    model = TinyMLP()
+    for i, name in enumerate(("a", "b")):
+        model = lorafx.apply(
+            model, lorafx.Spec(lorafx.LoRA(r=4, alpha=4 + i, init="random"), targets="all-linear"), name=name
+        )
+    model.eval()
+    frames = []
+
+    def backend(gm, inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        got = compiled(x, adapter_names=names)
+        assert_close(got, _rowwise_plain(model, x, names))
+        plain = compiled(x)  # the post-hook left per-row mode: the active adapter on every row
+        assert_close(plain, model(x))
+    for hook in (lorafx.rows.adapter_names_pre_hook, lorafx.rows.adapter_names_post_hook):
+        code = inspect.unwrap(hook).__code__  # a hook Dynamo compiled would hold cache entries
+        assert torch._dynamo.eval_frame._debug_get_cache_entry_list(code) == [], code.co_name
+    assert len(frames) == 2  # per-row and plain: the hooks' state reached the compiled forward
 
 
 @pytest.mark.parametrize("layout", ["rows", "rows_with_base", "runs", "interleaved"])
