@@ -110,10 +110,7 @@ def decode_main(args) -> None:
             t = {k: v / new for k, v in interleaved_medians(fns, repeats).items()}
             data[f"{mode}_batch{batch}"] = {"ms_per_token": {k: v * 1e3 for k, v in t.items()}}
             data[f"{mode}_batch{batch}"]["ratio_to_base"] = {k: v / t["base"] for k, v in t.items()}
-            rows.append(
-                f"| {mode}, batch {batch} | {t['base'] * 1e3:.2f} | {t['lorafx'] * 1e3:.2f} | {t['peft'] * 1e3:.2f} "
-                f"| {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
-            )
+            rows.append(_decode_row(f"{mode}, batch {batch}", t))
     step_rows, past = decode_step_rows(models, steps, args, data, max_len=4 + new)
     flops = added_flop_ratio(fx_model)
     md = [
@@ -147,6 +144,12 @@ def decode_main(args) -> None:
     print(f"written {path}")
 
 
+def _decode_row(label: str, t: dict) -> str:
+    """A markdown row of seconds ``t`` per contender: ms each, then lorafx and PEFT over base."""
+    ms = " | ".join(f"{t[k] * 1e3:.2f}" for k in ("base", "lorafx", "peft"))
+    return f"| {label} | {ms} | {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
+
+
 STEP_PAST = 20  # cached tokens before the timed step
 
 
@@ -171,10 +174,7 @@ def decode_step_rows(models: dict, steps: dict | None, args, data: dict, max_len
                 "ms": {k: v * 1e3 for k, v in t.items()},
                 "ratio_to_base": {k: v / t["base"] for k, v in t.items()},
             }
-            rows.append(
-                f"| {mode}, batch {batch} | {t['base'] * 1e3:.2f} | {t['lorafx'] * 1e3:.2f} | {t['peft'] * 1e3:.2f} "
-                f"| {t['lorafx'] / t['base']:.3f}x | {t['peft'] / t['base']:.3f}x |"
-            )
+            rows.append(_decode_row(f"{mode}, batch {batch}", t))
     return rows, past
 
 

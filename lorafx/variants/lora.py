@@ -7,7 +7,9 @@ base model at step 0.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -86,17 +88,17 @@ class LoRA(LoRAFields):
 
 # The module attributes LoRAAdapter.eager_operands caches from or depends on: assigning any of them drops the cache.
 _CACHED_FROM = frozenset({"lora_A", "lora_B", "scale_t", "_parameters", "_buffers", "training"})
-# Bound once: the per-call check runs per site per decode step, where each frame costs µs (cold caches).
-_distributed = torch.distributed.is_initialized if torch.distributed.is_available() else lambda: False
-# is_initialized() is three Python frames (itself, GroupMember.WORLD, _World.default_pg); per site they
-# cost 0.3-1.5% of an eager decode step (benchmark Llama, five processes). The per-call check reads the
-# attribute they end at, where this torch has it; tests/test_decode_path.py fails if it stops meaning that.
+# The default process group or None, as torch.distributed.is_initialized() finds it, without its three
+# Python frames (itself, GroupMember.WORLD, _World.default_pg): the check runs per site per decode step,
+# where they cost 0.3-1.5% of an eager step (benchmark Llama, five processes). A C-level attribute read
+# of the object they end at where this torch has it; tests/test_decode_path.py fails if it stops meaning that.
 try:
     from torch.distributed import distributed_c10d as _c10d
 
-    _WORLD = _c10d._world if hasattr(_c10d._world, "_default_pg") else None
+    _default_group = functools.partial(operator.attrgetter("_default_pg"), _c10d._world)
+    _default_group()
 except (ImportError, AttributeError):  # a build without torch.distributed, or other internals
-    _WORLD = None
+    _default_group = (lambda: torch.distributed.GroupMember.WORLD) if torch.distributed.is_available() else lambda: None
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: str) -> None:
@@ -181,7 +183,7 @@ class LoRAAdapter(Adapter):
                 key == (B._version, t._version, B.data_ptr())
                 and params.get("lora_B") is B
                 and params.get("lora_A") is ops[0]
-                and (_WORLD._default_pg is None if _WORLD is not None else not _distributed())
+                and _default_group() is None
             ):
                 return ops
         return self._cache_eager_operands()
@@ -189,7 +191,9 @@ class LoRAAdapter(Adapter):
     def _cache_eager_operands(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
         t = self._buffers["scale_t"]
-        if self.training or A is None or B is None or _distributed():  # parametrized / FSDP views, or DDP/FSDP's writes
+        if (
+            self.training or A is None or B is None or _default_group() is not None
+        ):  # parametrized / FSDP views, or DDP/FSDP's writes
             return None
         try:
             key = (B._version, t._version, B.data_ptr())
