@@ -10,7 +10,8 @@ lorafx relative to PEFT. The added FLOPs of the adapters are ~2% of the base mod
 
 ``--decode`` times KV-cache decoding instead (batch 1 and 8, eager ``generate`` and a compiled static-cache
 loop, then single decode steps of each, interleaved; see ``benchmarks/_decode.py``) and writes
-``results/overhead_decode.{json,md}``.
+``results/overhead_decode.{json,md}``. The eager step rows also time lower bounds for any unmerged
+implementation (hand-written sites with no checks) and the merged model: ``benchmarks/_decode_floor.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _decode import compiled_steps, generate_fn, static_decode_fn, step_fn  # noqa: E402
+from _decode_floor import FLOORS, compiled_floor_models, compiled_floor_steps, floor_models  # noqa: E402
 from common import interleaved_medians, speed_rows, write_results  # noqa: E402
 
 import lorafx  # noqa: E402
@@ -111,7 +113,8 @@ def decode_main(args) -> None:
             data[f"{mode}_batch{batch}"] = {"ms_per_token": {k: v * 1e3 for k, v in t.items()}}
             data[f"{mode}_batch{batch}"]["ratio_to_base"] = {k: v / t["base"] for k, v in t.items()}
             rows.append(_decode_row(f"{mode}, batch {batch}", t))
-    step_rows, past = decode_step_rows(models, steps, args, data, max_len=4 + new)
+    floors = decode_floors(fx_model, steps is not None, base.config.vocab_size, new)
+    step_rows, floor_rows, past = decode_step_rows(models, steps, args, data, max_len=4 + new, floors=floors)
     flops = added_flop_ratio(fx_model)
     md = [
         f"KV-cache decoding, greedy, prompt 4 tokens + {new} new, same model and LoRA r = 16 on all linears "
@@ -130,6 +133,14 @@ def decode_main(args) -> None:
         "|---|---:|---:|---:|---:|---:|",
         *step_rows,
         "",
+        "Lower bounds, timed in the same round-robin as the step rows above (`benchmarks/_decode_floor.py`): "
+        "lorafx's sites replaced by hand-written code with no check at all, and the adapters merged "
+        "into the weights.",
+        "",
+        "| decode step | lorafx / base | " + " | ".join(f"{k} / base" for k in FLOORS) + " |",
+        "|---|---:|" + "---:|" * len(FLOORS),
+        *floor_rows,
+        "",
     ]
     data["config"] = {
         "quick": args.quick,
@@ -142,6 +153,30 @@ def decode_main(args) -> None:
     path = write_results("overhead_decode" + ("_quick" if args.quick else "") + args.tag, data, "\n".join(md))
     print("\n".join(md))
     print(f"written {path}")
+
+
+def decode_floors(fx_model, compiled: bool, vocab: int, new: int) -> dict[str, dict[str, tuple]]:
+    """``{"eager"|"compiled": {name: (model, step)}}``: the lower bounds of ``_decode_floor``, checked
+    first. Each floor model computes the lorafx model's logits (to fp32 rounding: a bound that computes
+    something else bounds nothing) on a batch-8 decode step, and each compiled one decodes the lorafx
+    model's tokens; raises otherwise."""
+    floors = {"eager": {k: (m, m) for k, m in floor_models(fx_model).items()}}
+    if compiled:
+        models = compiled_floor_models(fx_model)
+        floors["compiled"] = {k: (models[k], step) for k, step in compiled_floor_steps(models).items()}
+    ids = torch.randint(0, vocab, (8, 6))
+    with torch.no_grad():
+        out = fx_model(ids, use_cache=True)
+        ref = fx_model(ids[:, -1:], past_key_values=copy.deepcopy(out.past_key_values)).logits
+        for mode, named in floors.items():
+            for name, (model, step) in named.items():
+                logits = model(ids[:, -1:], past_key_values=model(ids, use_cache=True).past_key_values).logits
+                torch.testing.assert_close(logits, ref, msg=lambda m, k=name: f"decode floor {k!r}: {m}")
+                if mode == "compiled":  # compiles; and decodes the lorafx model's tokens
+                    tokens = static_decode_fn(model, step, ids[:1, :4], new)()
+                    if not torch.equal(tokens, static_decode_fn(fx_model, fx_model, ids[:1, :4], new)()):
+                        raise RuntimeError(f"compiled decode floor {name!r} decodes other tokens than lorafx")
+    return floors
 
 
 def _decode_row(label: str, t: dict) -> str:
@@ -157,17 +192,25 @@ def step_repeats(args) -> int:
     return 20 if args.quick else 200
 
 
-def decode_step_rows(models: dict, steps: dict | None, args, data: dict, max_len: int) -> tuple[list[str], int]:
+def decode_step_rows(
+    models: dict, steps: dict | None, args, data: dict, max_len: int, floors: dict
+) -> tuple[list[str], list[str], int]:
     """Single-step rows (``_decode.step_fn``), eager and compiled, each batch, at ``STEP_PAST`` cached
-    tokens (fewer if the compiled loops' cache, ``max_len``, is shorter); fills ``data``. Returns the
-    rows and the past length."""
-    rows = []
+    tokens (fewer if the compiled loops' cache, ``max_len``, is shorter); the ``floors``
+    (:func:`decode_floors`) run in the same round-robin as their mode's contenders. Fills ``data``.
+    Returns the rows, the floor rows and the past length."""
+    rows, floor_rows = [], []
     vocab = models["base"].config.vocab_size
     past = min(STEP_PAST, max_len - 1)
     for batch in args.batches:
         modes = {"eager": {k: step_fn(m, m, batch, past, vocab) for k, m in models.items()}}
         if steps is not None:
             modes["compiled"] = {k: step_fn(m, steps[k], batch, past, vocab, static=max_len) for k, m in models.items()}
+        for mode, named in floors.items():
+            static = max_len if mode == "compiled" else None
+            modes[mode].update(
+                {k: step_fn(m, step, batch, past, vocab, static=static) for k, (m, step) in named.items()}
+            )
         for mode, fns in modes.items():
             t = interleaved_medians(fns, step_repeats(args), warmup=5)
             data[f"step_{mode}_batch{batch}"] = {
@@ -175,7 +218,9 @@ def decode_step_rows(models: dict, steps: dict | None, args, data: dict, max_len
                 "ratio_to_base": {k: v / t["base"] for k, v in t.items()},
             }
             rows.append(_decode_row(f"{mode}, batch {batch}", t))
-    return rows, past
+            ratios = " | ".join(f"{t[k] / t['base']:.3f}x" if k in t else "–" for k in ("lorafx", *FLOORS))
+            floor_rows.append(f"| {mode}, batch {batch} | {ratios} |")
+    return rows, floor_rows, past
 
 
 def main() -> None:

@@ -190,8 +190,8 @@ def eager_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sites) -> 
     What an adapted region runs instead of ``lora_linear(x, W, b, sites(x))`` when it is called eagerly
     with autograd off on plain tensors (:mod:`lorafx.passes.eager_sites`, :class:`lorafx.adapted_region.AdaptedRegion`):
     for an evaluating plain-LoRA adapter (a class that says ``eval_is_lora``), three ops,
-    ``y = x Wᵀ + b``, ``h = x Aᵀ``, ``y += s·h Bᵀ`` on the adapter's cached contiguous ``Bᵀ``;
-    anything else (other variants, dropout in training, per-row or several adapters, hooks on the
+    ``y = x Wᵀ + b``, ``h = x Aᵀ``, ``y += s·h Bᵀ`` on the adapter's cached contiguous ``Bᵀ``; with no
+    active adapter at the site (merged or disabled), ``x Wᵀ + b`` alone; anything else (other variants, dropout in training, per-row or several adapters, hooks on the
     container or a ``forward`` set on it, a parameter without a trusted cache) goes the canonical way, ``lora_linear(x, W, b, sites(x))``.
 
     Why a second entry: a decode step streams every weight once (~330 MB on the benchmark Llama) and
@@ -203,12 +203,15 @@ def eager_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sites) -> 
     """
     a = sites._slot
     ops = None
-    # A per-row or several-adapter slot is no eval_is_lora class; hooks, or a forward replaced on the
-    # instance (accelerate's hooks do that), need the module call; training: eager_operands says None.
-    if type(a).__dict__.get("eval_is_lora", False) and not (
-        sites._forward_pre_hooks or sites._forward_hooks or "forward" in sites.__dict__
-    ):
-        ops = a.eager_operands()
+    # Hooks, or a forward replaced on the instance (accelerate's hooks do that), need the module call.
+    # No slot (merged or disabled): the container would return None, the base linear alone (merged
+    # decoding 1.020x base through the module call, benchmark Llama batch 1). A per-row or
+    # several-adapter slot is no eval_is_lora class; in training eager_operands says None.
+    if not (sites._forward_pre_hooks or sites._forward_hooks or "forward" in sites.__dict__):
+        if a is None:
+            return F.linear(x, weight, bias)
+        if type(a).__dict__.get("eval_is_lora", False):
+            ops = a.eager_operands()
     if ops is None:
         return lora_linear(x, weight, bias, sites(x))
     A, Bt, s = ops

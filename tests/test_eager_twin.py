@@ -115,6 +115,18 @@ def test_the_twin_follows_every_state_change(container_calls):
         before = y
 
 
+def test_merged_and_disabled_sites_run_the_base_linear_alone(container_calls):
+    model, base = _model(second=False), tiny_llama(0).eval()
+    lorafx.set_adapter(model, None)
+    assert torch.equal(_logits(model), _logits(base))  # disabled: the base model's own ops
+    lorafx.set_adapter(model, "default")
+    lorafx.merge(model)
+    y = _logits(model)
+    assert container_calls == []  # no site container was called: the twin ran the base linear itself
+    assert torch.equal(y, _canonical_logits(model))
+    assert len(container_calls) == len(lorafx.iter_sites(model))
+
+
 def test_training_mode_and_autograd_take_the_canonical_pair(container_calls):
     model = _model(lorafx.LoRA(r=4, alpha=8, dropout=0.5, init="random"), second=False)
     n = len(lorafx.iter_sites(model))
