@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("fp16", "bf16", "fp32")
-RANKS = (8, 16, 32, 64, 128)
+RANKS = (8, 16, 24, 32, 48, 64, 96, 128)  # every BLOCK_R (16-128), with R % 16 == 0 and without
 # name -> (compute capability, shared memory per block in bytes: A100 163 KiB, H100/B200 227 KiB,
 # from NVIDIA's CUDA C programming guide, "Technical Specifications per Compute Capability").
 ARCHES = {"sm_80": (80, 166_912), "sm_90a": (90, 232_448), "sm_100a": (100, 232_448)}
@@ -130,7 +130,7 @@ def kept_configs(spec: Spec, dtype: str, R: int) -> list:
     }
     types = _types(spec, dtype)
     named = {n: torch.empty(0, dtype=torch_dtype[types.get(n, f"*{dtype}")[1:]]) for n in kernel.fn.arg_names}
-    named = {n: t for n, t in named.items() if n.endswith("_ptr")}
+    named = {**{n: t for n, t in named.items() if n.endswith("_ptr")}, "R": R}  # R: its 16-alignment prunes too
     prune = getattr(kernel, "early_config_prune", None)
     return prune(kernel.configs, named, **flags) if prune else list(kernel.configs)
 

@@ -34,6 +34,8 @@ SUBSET = [
     ("lora_4bit", "fp32", 128, (-1,)),  # 3xTF32 decode-GEMM and expand at the widest rank
     ("lora_4bit_elementwise", "bf16", 64, (-1,)),  # per-element scales gathered beside the tile
     ("lora_4bit_dx", "fp16", 32, (-1,)),  # the backward's transposed decode, 128×64 over 8 warps
+    ("fused", "fp16", 96, (-1,)),  # a rank no multiple of 16 (no divisibility hint), widest rank block
+    ("lora_4bit_dx", "fp32", 24, (-1,)),  # where the sweep found an unaligned rank spilling (pruned now)
 ]
 
 
@@ -115,6 +117,37 @@ def test_the_4bit_tiles_the_sweep_saw_spill_are_pruned():
     )
     row = ks.compile_row((SPECS["lora_4bit"], "fp16", tile, 16, "sm_80"))
     assert row["spill_bytes"] > 0, row
+
+
+def test_tiles_that_spill_only_at_ranks_no_multiple_of_16_are_pruned_there():
+    """The unaligned tables (found by the sweep at R = 24): each tile is dropped at a rank of its block
+    that is no multiple of 16 and kept at the aligned rank of the same block, where it does not spill;
+    compiled at R = 24 the 4-bit one spills on sm_80, at R = 32 it does not (the tables are not stale)."""
+    from lorafx.kernels._triton import configs, lora_4bit
+
+    cases = [
+        ({"gather": "fused_celora"}[mode], "fp32" if fp32 else "fp16", (bm, bn, bk, warps), block_r)
+        for (mode, bm, bn, bk, warps, fp32), block_r in configs.SPILLS_FROM_BLOCK_R_UNALIGNED.items()
+    ]
+    spec_of = {"forward": "lora_4bit", "dx": "lora_4bit_dx"}
+    for (path, fp32, bm, bn), blocks in lora_4bit._SPILLS_UNALIGNED.items():
+        cases += [(spec_of[path], "fp32" if fp32 else "fp16", (bm, bn), b) for b in blocks]
+    assert len(cases) >= 3
+    for name, dtype, tile, block_r in cases:
+
+        def tiles(R, name=name, dtype=dtype, tile=tile):
+            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K")[: min(len(tile), 3)]
+            return {
+                (*(c.kwargs[k] for k in keys), c.num_warps)[: len(tile)] for c in ks.kept_configs(SPECS[name], dtype, R)
+            }
+
+        assert tile not in tiles(block_r - 8), (name, dtype, tile, block_r)  # R = 24: block 32, unaligned
+        assert tile in tiles(block_r), (name, dtype, tile, block_r)  # R = 32: the same block, kept
+    config = next(
+        c for c in lora_4bit.lora_4bit_kernel.configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 64)
+    )
+    spilled, clean = (ks.compile_row((SPECS["lora_4bit"], "fp16", config, R, "sm_80")) for R in (24, 32))
+    assert spilled["spill_bytes"] > 0 and clean["spill_bytes"] == 0, (spilled, clean)
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=[])

@@ -50,6 +50,13 @@ SPILLS_FROM_BLOCK_R = {
     ("gather", 32, 64, 32, 4, False): 64,  # CE-LoRA, sm_80 fp16/bf16: 24 B at R = 64
     ("segmented", 32, 64, 32, 4, True): 16,  # sm_90a fp32 (3xTF32): 8 B at R = 8
 }
+# Tiles that spill only when R is no multiple of 16: Triton then cannot assume 16-aligned rank-sized
+# strides (``tt.divisibility``) and loads h and B in narrower pieces, which costs registers. Found by
+# the sweep at R = 24, 48 and 96 (the rank blocks 32-128 without that alignment; R = 8 is block 16's):
+# (the same key as above) -> the smallest rank block that spills when R % 16 != 0.
+SPILLS_FROM_BLOCK_R_UNALIGNED = {
+    ("gather", 64, 64, 32, 4, True): 32,  # CE-LoRA fp32, sm_80: 255 registers, 88 B at R = 24 (241, 0 B at R = 32)
+}
 # GROUP_M: consecutive programs walk GROUP_M row blocks down one column block. At M = 8192,
 # K = N = 4096, fp16, 128×128 tiles (each x or W panel 1 MiB), a wave of 132 programs (H100 SMs) in
 # the old row-block-fastest order touched all 64 x panels and 2-3 W panels (~66 MiB, over the 50 MB
@@ -87,14 +94,24 @@ def configs(kind: str) -> list:
     ]
 
 
-def fits(config, operand_bytes: int, block_r: int, b_bytes: int | None = None, mode: str = "plain") -> bool:
+def rank_aligned(named_args: dict, kwargs: dict) -> bool:
+    """Whether a launch's rank ``R`` is a multiple of 16 (Triton's divisibility specialisation of the
+    rank-sized strides), from an ``early_config_prune``'s arguments; True when ``R`` is not among them."""
+    R = named_args.get("R", kwargs.get("R"))
+    return not isinstance(R, int) or R % 16 == 0
+
+
+def fits(
+    config, operand_bytes: int, block_r: int, b_bytes: int | None = None, mode: str = "plain", aligned: bool = True
+) -> bool:
     """Whether ``config`` compiles without spills or shared-memory overflow for operands of
     ``operand_bytes`` (2 for fp16/bf16, 4 when the dots run on fp32 operands), rank block ``block_r``
     and the expand's B loaded with ``b_bytes`` per element (default ``operand_bytes``). CE-LoRA's
     gathered K loop needs no rule of its own: its 256×128 tile spilled 600-776 B, and ACC_PER_THREAD
     drops that tile for every kernel. Shrink configs have no BLOCK_N: their tile is BLOCK_M × BLOCK_R.
     ``mode`` ("plain", "segmented", "gather") names the fused kernel's flag set for
-    :data:`SPILLS_FROM_BLOCK_R`; an fp32 B on half operands counts as "mixed"."""
+    :data:`SPILLS_FROM_BLOCK_R`; an fp32 B on half operands counts as "mixed". ``aligned``: the rank is
+    a multiple of 16 (:func:`rank_aligned`), else :data:`SPILLS_FROM_BLOCK_R_UNALIGNED` applies too."""
     kw, threads = config.kwargs, 32 * config.num_warps
     bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
     if "BLOCK_N" not in kw:  # shrink: one dot of x[BLOCK_M, BLOCK_K] and c[BLOCK_K, BLOCK_R]
@@ -103,9 +120,10 @@ def fits(config, operand_bytes: int, block_r: int, b_bytes: int | None = None, m
     bn = kw["BLOCK_N"]
     if b_bytes is not None and b_bytes > operand_bytes and mode == "plain":
         mode = "mixed"
-    spills_from = SPILLS_FROM_BLOCK_R.get((mode, bm, bn, bk, config.num_warps, operand_bytes == 4))
-    if spills_from is not None and block_r >= spills_from:
-        return False
+    key = (mode, bm, bn, bk, config.num_warps, operand_bytes == 4)
+    for table in (SPILLS_FROM_BLOCK_R,) if aligned else (SPILLS_FROM_BLOCK_R, SPILLS_FROM_BLOCK_R_UNALIGNED):
+        if key in table and block_r >= table[key]:
+            return False
     limit = min(ACC_PER_THREAD[min(block_r, 128)], ACC_PER_THREAD_FP32 if operand_bytes == 4 else 10**9)
     if bm * bn // threads > limit:
         return False
@@ -134,5 +152,5 @@ def prune(configs: list, named_args: dict, **kwargs) -> list:
     bt = named_args.get("bt_ptr") if kwargs.get("HAS_ADAPTER") else None
     b_bytes = bt.dtype.itemsize if bt is not None and hasattr(bt, "dtype") else None
     mode = "segmented" if kwargs.get("SEGMENTED") else "gather" if kwargs.get("GATHER_K") else "plain"
-    kept = [c for c in configs if fits(c, nbytes, block_r, b_bytes, mode)]
+    kept = [c for c in configs if fits(c, nbytes, block_r, b_bytes, mode, rank_aligned(named_args, kwargs))]
     return kept or configs[:1]

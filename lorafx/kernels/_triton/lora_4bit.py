@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafx.kernels._triton.configs import rank_aligned
 from lorafx.kernels._triton.kernels import tensor_core_dot
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -106,14 +107,21 @@ _SPILLS = {
     ("dx", True, 128, 64): _EVERY,
 }
 
+# Spilling only when R is no multiple of 16 (configs.SPILLS_FROM_BLOCK_R_UNALIGNED says why), sm_80:
+_SPILLS_UNALIGNED = {
+    ("forward", False, 32, 64): {32},  # fp16/bf16 R = 24: 128 registers, 12 B (none at R = 32)
+    ("dx", True, 64, 64): {32},  # fp32 R = 24: 255 registers, 32 B (none at R = 32)
+}
+
 
 def _prune(configs, named_args, **kwargs) -> list:
     """Without ALIGNED the scales are a [BLOCK_K, BLOCK_N] gather: 64 x 64 x 64 tiles spill on sm_80
     (ptxas: 255 registers, 88 bytes spill stores) and 64 x 128 x 64 on sm_90a (80 bytes), so only
     tiles up to 32 x 64 are kept (sm_80: 228-242 registers, no spills). The aligned TRANS tile spans
     BLOCK_N columns of a W row, which must stay inside one quant block (64 or more): BLOCK_N <= 64.
-    Then the tiles :data:`_SPILLS` measured spilling at this rank block and operand type go; the
-    first config (16 x 64) stands in if none is left."""
+    Then the tiles :data:`_SPILLS` measured spilling at this rank block and operand type go (and those of
+    :data:`_SPILLS_UNALIGNED` when R is no multiple of 16); the first config (16 x 64) stands in if none
+    is left."""
     aligned, trans = kwargs.get("ALIGNED", True), kwargs.get("TRANS", False)
     if not aligned:
         path, kept = "elementwise", [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64]
@@ -123,7 +131,12 @@ def _prune(configs, named_args, **kwargs) -> list:
         path, kept = "forward", list(configs)
     key = (path, bool(kwargs.get("DOT_FP32", False)))
     block_r = kwargs.get("BLOCK_R", 16)
-    clean = [c for c in kept if block_r not in _SPILLS.get((*key, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
+    tables = (_SPILLS,) if rank_aligned(named_args, kwargs) else (_SPILLS, _SPILLS_UNALIGNED)
+    clean = [
+        c
+        for c in kept
+        if not any(block_r in t.get((*key, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ()) for t in tables)
+    ]
     return clean or kept[:1] or configs[:1]
 
 
