@@ -163,6 +163,35 @@ if INTERPRETED:
             for name, a, w in zip(("dx", "dA", "dB", "dg"), (dx, dA, dB, dg), want, strict=False):
                 assert_close(a.double(), w, torch.float64, **KERNEL_4BIT[dtype], msg=name)
 
+    def test_ranks_above_the_kernels_limit_run_the_composites(monkeypatch):
+        """Above ``MAX_KERNEL_RANK`` (the kernel spills there) ``triton_forward``/``triton_backward`` are
+        the op's composites, bit for bit, and launch nothing; at 128 the kernel runs."""
+        from lorafx.kernels._common import MAX_KERNEL_RANK
+        from lorafx.kernels._triton import lora_4bit
+
+        def launched(*_, **__):
+            raise AssertionError("the 4-bit kernel was launched")
+
+        monkeypatch.setattr(lora_4bit, "lora_4bit", launched)
+        M, K, N = 5, 128, 40
+        lin = _linear4bit(K, N, "nf4", True, bias=True, seed=M)
+        operands = quantized_site.fused_operands(lin)
+        g = torch.Generator().manual_seed(3)
+        x, b = torch.randn(M, K, generator=g), lin.bias.detach()
+        for r in (MAX_KERNEL_RANK + 8, MAX_KERNEL_RANK):
+            A, B, s = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g), torch.tensor(0.75)
+            dy = torch.randn(M, N, generator=g)
+            if r == MAX_KERNEL_RANK:
+                with pytest.raises(AssertionError, match="launched"):
+                    op.triton_forward(x, *operands, b, A, B, s)
+                continue
+            assert torch.equal(
+                op.triton_forward(x, *operands, b, A, B, s), op.lora_linear_4bit(x, *operands, b, A, B, s)
+            )
+            got = op.triton_backward(dy, x, *operands, A, B, s, None, None, False)
+            want = op.lora_linear_4bit_backward(dy, x, *operands, A, B, s, None, None, False)
+            assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+
     def test_quantized_sites_run_the_fused_kernel_under_use_kernels(monkeypatch):
         """End to end: a model with bitsandbytes NF4 linears, adapted; ``use_kernels(model, "ops")`` points
         its quantized sites at the fused op. With the forward and backward ops' kernels registered for

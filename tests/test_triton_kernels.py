@@ -124,6 +124,49 @@ if INTERPRETED:
         assert got.dtype == dtype
         assert_close(got.double(), want, **KERNEL_TOL[dtype])
 
+    def test_ranks_above_the_kernels_limit_run_the_composites(monkeypatch):
+        """Above ``MAX_KERNEL_RANK`` (128) the CUDA kernel each op file registers returns its composite,
+        bit for bit, and launches nothing (the kernels spill there: ``_common.MAX_KERNEL_RANK``), and
+        a CUDA site does not call the ``triton_op`` twin; at 128 itself the kernels run. The 4-bit
+        op: ``tests/test_lora_4bit_kernel.py``."""
+        from lorafx.kernels._common import MAX_KERNEL_RANK
+
+        def launched(*_, **__):
+            raise AssertionError("a Triton kernel was launched")
+
+        monkeypatch.setattr(launchers, "shrink", launched)
+        monkeypatch.setattr(launchers, "fused", launched)
+        T, K, N, n = 6, 12, 10, 2
+        gen = torch.Generator().manual_seed(0)
+        for r in (MAX_KERNEL_RANK + 8, MAX_KERNEL_RANK + 64):
+            x, W, b, A, B, s, g = _data(T, K, N, r, torch.float32, gate=True)
+            dy, h = torch.randn(T, N, generator=gen), x @ A.T
+            assert torch.equal(
+                lora_linear.cuda_forward(x, W, b, A, B, s, g), lora_linear.lora_linear(x, W, b, A, B, s, g)
+            )
+            assert torch.equal(
+                lora_expand.cuda_kernel(x, W, b, h, B, s, g), lora_expand.lora_expand(x, W, b, h, B, s, g)
+            )
+            got = lora_linear.cuda_backward(dy, x, W, A, B, s, g, None, True)
+            want = lora_linear.lora_linear_backward(dy, x, W, A, B, s, g, None, True)
+            assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+            As, Bs, idx = A.expand(n, r, K) * 1.0, B.expand(n, N, r) * 1.0, torch.tensor([0, 1, -1, 1, 0, 0])
+            ss = torch.tensor([0.5, 2.0])
+            multi = lora_linear_multi._forward_on_cuda(x, W, b, As, Bs, ss, idx)
+            assert torch.equal(multi, lora_linear_multi.lora_linear_multi(x, W, b, As, Bs, ss, idx))
+            got = lora_linear_multi._backward_on_cuda(dy, x, W, As, Bs, ss, idx, True)
+            want = lora_linear_multi.lora_linear_multi_backward(dy, x, W, As, Bs, ss, idx, True)
+            assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+            B0, A0, index = torch.randn(N, r, generator=gen), torch.randn(r, K, generator=gen), torch.tensor([1, 4])
+            want = celora_input_grad.celora_input_grad(dy, W, B0, A0, index)
+            assert torch.equal(celora_input_grad.cuda_kernel(dy, W, B0, A0, index), want)
+        twin = lora_linear.register_triton()
+        assert lora_linear.cuda_op(MAX_KERNEL_RANK + 8) is lora_linear.lora_linear
+        assert lora_linear.cuda_op(MAX_KERNEL_RANK) is twin
+        x, W, b, A, B, s, g = _data(T, K, N, MAX_KERNEL_RANK, torch.float32, gate=False)
+        with pytest.raises(AssertionError, match="launched"):
+            lora_linear.cuda_forward(x, W, b, A, B, s)
+
     def test_gpu_benchmark_cases_run(monkeypatch):
         """benchmarks/kernels.py's case builders, each run once at tiny sizes: the GPU benchmark's code
         paths (shapes, strides, argument order) are exercised here, only the timing needs CUDA."""

@@ -27,6 +27,13 @@ def triton_on_cuda() -> bool:
     return True
 
 
+# The widest rank the Triton kernels take. Above it (rank block 256) they spill even at their smallest
+# tile: ``benchmarks/kernels_static.py`` at R = 200 and 256 found 154 of 216 specializations spilling,
+# 48 B to 17 KB (the fused kernel's 16×32×32 fp32 tile 56-60 B, the shrink's 16×32 at R = 200 588-868 B).
+# There each op's CUDA kernel runs its composite (cuBLAS GEMMs) instead.
+MAX_KERNEL_RANK = 128
+
+
 def out_like(x: Tensor, W: Tensor) -> Tensor:
     """Fake output of a linear site: ``x``'s leading dims, ``W``'s rows."""
     return x.new_empty((*x.shape[:-1], W.shape[0]))

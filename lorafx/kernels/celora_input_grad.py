@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorafx.kernels._common import triton_on_cuda
+from lorafx.kernels._common import MAX_KERNEL_RANK, triton_on_cuda
 
 
 @torch.library.custom_op("lorafx::celora_input_grad", mutates_args=())
@@ -36,9 +36,17 @@ def _(G, W, B0, A0, index):
 
 def register_triton() -> None:
     """Register the shrink + gathered-K GEMM launchers for CUDA (runs at import on CUDA + triton)."""
+    celora_input_grad.register_kernel("cuda")(cuda_kernel)
+
+
+def cuda_kernel(G: Tensor, W: Tensor, B0: Tensor, A0: Tensor, index: Tensor) -> Tensor:
+    """The CUDA kernel of :func:`celora_input_grad`: the shrink + gathered GEMM launchers up to
+    ``MAX_KERNEL_RANK`` (r0), the composite above (the kernels spill there)."""
+    if B0.shape[1] > MAX_KERNEL_RANK:
+        return celora_input_grad_composite(G, W, B0, A0, index)
     from lorafx.kernels._triton import launchers
 
-    celora_input_grad.register_kernel("cuda")(launchers.celora_input_grad)
+    return launchers.celora_input_grad(G, W, B0, A0, index)
 
 
 if triton_on_cuda():

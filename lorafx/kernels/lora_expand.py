@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorafx import canonical
+from lorafx.kernels import _common
 from lorafx.kernels._common import adapter_grads, base_grads, flat, needs, out_like, save_all_but_bias, triton_on_cuda
 
 
@@ -21,6 +22,11 @@ def lora_expand(
     x: Tensor, W: Tensor, b: Tensor | None, h: Tensor, B: Tensor, s: Tensor, g: Tensor | None = None
 ) -> Tensor:
     """``x Wᵀ + b + s·(h ⊙ g) Bᵀ`` with a precomputed shrink ``h [..., R]``."""
+    return lora_expand_composite(x, W, b, h, B, s, g)
+
+
+def lora_expand_composite(x, W, b, h, B, s, g=None) -> Tensor:
+    """The CPU (and default) kernel of :func:`lora_expand`: the canonical expand."""
     return canonical.expand(F.linear(x, W, b), h if g is None else h * g, B, s)
 
 
@@ -46,9 +52,17 @@ lora_expand.register_autograd(_backward, setup_context=save_all_but_bias)
 
 def register_triton() -> None:
     """Register the fused GEMM + expand launcher as the CUDA kernel (runs at import on CUDA + triton)."""
+    lora_expand.register_kernel("cuda")(cuda_kernel)
+
+
+def cuda_kernel(x, W, b, h, B, s, g=None) -> Tensor:
+    """The CUDA kernel of :func:`lora_expand`: the fused launcher up to ``MAX_KERNEL_RANK``, the
+    composite above (the kernels spill there)."""
+    if h.shape[-1] > _common.MAX_KERNEL_RANK:
+        return lora_expand_composite(x, W, b, h, B, s, g)
     from lorafx.kernels._triton import launchers
 
-    lora_expand.register_kernel("cuda")(launchers.lora_expand)
+    return launchers.lora_expand(x, W, b, h, B, s, g)
 
 
 if triton_on_cuda():

@@ -16,7 +16,16 @@ import torch
 from torch import Tensor
 
 from lorafx import canonical
-from lorafx.kernels._common import adapter_grads, base_grads, flat, needs, out_like, save_all_but_bias, triton_on_cuda
+from lorafx.kernels._common import (
+    MAX_KERNEL_RANK,
+    adapter_grads,
+    base_grads,
+    flat,
+    needs,
+    out_like,
+    save_all_but_bias,
+    triton_on_cuda,
+)
 
 
 @torch.library.custom_op("lorafx::lora_linear", mutates_args=())
@@ -31,6 +40,11 @@ def lora_linear(
     x_in: Tensor | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ`` (``x_in`` defaults to ``x``); see the module docstring."""
+    return lora_linear_composite(x, W, b, A, B, s, g, x_in)
+
+
+def lora_linear_composite(x, W, b, A, B, s, g=None, x_in=None) -> Tensor:
+    """The CPU (and default) kernel of :func:`lora_linear`: the canonical shrink, then expand."""
     h = canonical.shrink(x if x_in is None else x_in, A, g)
     return canonical.expand(torch.nn.functional.linear(x, W, b), h, B, s)
 
@@ -56,6 +70,11 @@ def lora_linear_backward(
 
     An op of its own so that its CUDA kernel (the fused Triton backward) survives AOT tracing.
     """
+    return lora_linear_backward_composite(dy, x, W, A, B, s, g, x_in, need_g)
+
+
+def lora_linear_backward_composite(dy, x, W, A, B, s, g, x_in, need_g: bool):
+    """The CPU (and default) kernel of :func:`lora_linear_backward`, in plain PyTorch."""
     dy2, x2 = flat(dy), flat(x)
     xin2 = x2 if x_in is None else flat(x_in)
     want = {"B": True, "s": False, "g": need_g and g is not None}
@@ -113,16 +132,37 @@ def register_triton():
     if not _TRITON_TWIN:
         from lorafx.kernels._triton import launchers
 
-        lora_linear.register_kernel("cuda")(launchers.lora_linear)
-        lora_linear_backward.register_kernel("cuda")(launchers.lora_linear_backward)
+        lora_linear.register_kernel("cuda")(cuda_forward)
+        lora_linear_backward.register_kernel("cuda")(cuda_backward)
         launchers.lora_linear_triton.register_autograd(_backward, setup_context=save_all_but_bias)
         _TRITON_TWIN.append(launchers.lora_linear_triton)
     return _TRITON_TWIN[0]
 
 
-def cuda_op():
-    """The op a CUDA site calls: the ``triton_op`` twin when registered, else :func:`lora_linear`."""
-    return _TRITON_TWIN[0] if _TRITON_TWIN else lora_linear
+def cuda_forward(x, W, b, A, B, s, g=None, x_in=None) -> Tensor:
+    """The CUDA kernel of :func:`lora_linear`: the Triton launcher up to ``MAX_KERNEL_RANK``, the
+    composite above (the kernels spill there)."""
+    if A.shape[0] > MAX_KERNEL_RANK:
+        return lora_linear_composite(x, W, b, A, B, s, g, x_in)
+    from lorafx.kernels._triton import launchers
+
+    return launchers.lora_linear(x, W, b, A, B, s, g, x_in)
+
+
+def cuda_backward(dy, x, W, A, B, s, g, x_in, need_g: bool):
+    """The CUDA kernel of :func:`lora_linear_backward`, by rank as :func:`cuda_forward`."""
+    if A.shape[0] > MAX_KERNEL_RANK:
+        return lora_linear_backward_composite(dy, x, W, A, B, s, g, x_in, need_g)
+    from lorafx.kernels._triton import launchers
+
+    return launchers.lora_linear_backward(dy, x, W, A, B, s, g, x_in, need_g)
+
+
+def cuda_op(rank: int = 1):
+    """The op a CUDA site of adapter rank ``rank`` calls: the ``triton_op`` twin when registered and
+    the rank is within ``MAX_KERNEL_RANK`` (the default, 1, asks which op the kernels' sites call),
+    else :func:`lora_linear` (whose CUDA kernel is the composite above that rank)."""
+    return _TRITON_TWIN[0] if _TRITON_TWIN and rank <= MAX_KERNEL_RANK else lora_linear
 
 
 if triton_on_cuda():

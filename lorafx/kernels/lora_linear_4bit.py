@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lorafx import canonical
 from lorafx.kernels import lora_linear as _lora_linear
-from lorafx.kernels._common import flat, needs, triton_on_cuda
+from lorafx.kernels._common import MAX_KERNEL_RANK, flat, needs, triton_on_cuda
 
 
 def dequantize_4bit(
@@ -69,6 +69,14 @@ def lora_linear_4bit(
     x_in: Tensor | None = None,
 ) -> Tensor:
     """``x·dequant(Wq)ᵀ + b + s·((x_in Aᵀ) ⊙ g) Bᵀ``; see the module docstring."""
+    return _composite_forward(
+        x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g, x_in
+    )
+
+
+def _composite_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B, s, g=None,
+                       x_in=None) -> Tensor:  # fmt: skip
+    """The CPU (and default) kernel of :func:`lora_linear_4bit`: W dequantized, then the canonical pair."""
     W = dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, N, x.shape[-1], blocksize, blocksize2)
     h = canonical.shrink(x if x_in is None else x_in, A, g)
     return canonical.expand(F.linear(x, W.to(x.dtype), b), h, B, s)
@@ -102,6 +110,13 @@ def lora_linear_4bit_backward(
     """``(dx, d_xin, dA, dB, dg)`` of :func:`lora_linear_4bit` (as ``lorafx::lora_linear_backward``).
     CPU: W dequantized, then that op. CUDA: ``dx = dy·dequant(Wq) + (s·(dy B) ⊙ g) A`` decoded tile by
     tile in one accumulator (:func:`triton_backward`), W never dense."""
+    return _composite_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, A, B, s,
+                               g, x_in, need_g)  # fmt: skip
+
+
+def _composite_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, A, B, s, g,
+                        x_in, need_g):  # fmt: skip
+    """The CPU (and default) kernel of :func:`lora_linear_4bit_backward`: W dequantized, then that op."""
     W = dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, N, x.shape[-1], blocksize, blocksize2)
     return _lora_linear.lora_linear_backward(dy, x, W.to(x.dtype), A, B, s, g, x_in, need_g)
 
@@ -149,8 +164,12 @@ def triton_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksiz
                    x_in=None) -> Tensor:  # fmt: skip
     """The forward through the fused Triton kernel (the op's CUDA kernel; the tests run it on CPU
     under the Triton interpreter): ``h = s·((x_in Aᵀ) ⊙ g)`` ``[T, R]`` in fp32 (small: R columns),
-    then decode + GEMM + expand in one accumulator."""
+    then decode + GEMM + expand in one accumulator. Above ``MAX_KERNEL_RANK`` the composite."""
     from lorafx.kernels._triton.lora_4bit import lora_4bit
+
+    if A.shape[0] > MAX_KERNEL_RANK:  # the kernel spills there (lorafx.kernels._common)
+        return _composite_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B,
+                                  s, g, x_in)  # fmt: skip
 
     x2 = flat(x)
     h = canonical.shrink(flat(x if x_in is None else x_in).float(), A.float(), None if g is None else flat(g).float())
@@ -177,8 +196,13 @@ def triton_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blo
                     x_in, need_g):  # fmt: skip
     """The backward through the fused kernel (the CUDA kernel of :func:`lora_linear_4bit_backward`):
     ``u = s·(dY B)`` and ``dh = u ⊙ g`` (``[T, R]``, fp32), then ``dX = dY·dequant(Wq) + dh A`` with W
-    decoded tile by tile in one accumulator; ``dA``, ``dB``, ``dg`` are small GEMMs in fp32."""
+    decoded tile by tile in one accumulator; ``dA``, ``dB``, ``dg`` are small GEMMs in fp32. Above
+    ``MAX_KERNEL_RANK`` the composite."""
     from lorafx.kernels._triton.lora_4bit import lora_4bit
+
+    if A.shape[0] > MAX_KERNEL_RANK:
+        return _composite_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, A,
+                                   B, s, g, x_in, need_g)  # fmt: skip
 
     dy2, x2 = flat(dy), flat(x)
     xin2 = (x2 if x_in is None else flat(x_in)).float()

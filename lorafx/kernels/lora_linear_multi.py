@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorafx import canonical
-from lorafx.kernels._common import base_grads, flat, needs, out_like, save_all_but_bias, triton_on_cuda
+from lorafx.kernels._common import MAX_KERNEL_RANK, base_grads, flat, needs, out_like, save_all_but_bias, triton_on_cuda
 
 
 @torch.library.custom_op("lorafx::lora_linear_multi", mutates_args=())
@@ -175,11 +175,23 @@ def _backward(ctx, dy):
 lora_linear_multi.register_autograd(_backward, setup_context=save_all_but_bias)
 
 
+def _forward_on_cuda(x, W, b, A, B, s, idx):
+    """CUDA kernel of the forward op: the segmented Triton kernels up to ``MAX_KERNEL_RANK``, the
+    composite above (the kernels spill there)."""
+    if A.shape[1] > MAX_KERNEL_RANK:
+        return multi_forward_composite(x, W, b, A, B, s, idx)
+    from lorafx.kernels._triton import launchers
+
+    return launchers.lora_linear_multi(x, W, b, A, B, s, idx)
+
+
 def _backward_on_cuda(dy, x, W, A, B, s, idx, need_dx: bool):
     """CUDA kernel of the backward op: dx by the segmented Triton kernels (one accumulator for
     ``dY W + (s[i]·dY B[i]) A[i]``), dA and dB per adapter as in the composite."""
     from lorafx.kernels._triton import launchers
 
+    if A.shape[1] > MAX_KERNEL_RANK:  # the kernels spill there: the composite, dx included
+        return multi_backward_composite(dy, x, W, A, B, s, idx, need_dx)
     _, dA, dB = multi_backward_composite(dy, x, W, A, B, s, idx, False)
     if not need_dx:
         return x.new_empty(0), dA, dB
@@ -188,9 +200,8 @@ def _backward_on_cuda(dy, x, W, A, B, s, idx, need_dx: bool):
 
 def register_triton() -> None:
     """Register the segmented Triton kernels for CUDA (runs at import on CUDA + triton)."""
-    from lorafx.kernels._triton import launchers
 
-    lora_linear_multi.register_kernel("cuda")(launchers.lora_linear_multi)
+    lora_linear_multi.register_kernel("cuda")(_forward_on_cuda)
     lora_linear_multi_backward.register_kernel("cuda")(_backward_on_cuda)
 
 

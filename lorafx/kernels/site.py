@@ -34,5 +34,5 @@ def op_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, low: Lowered 
         return canonical.lora_linear(x, weight, bias, low)
     s = low.scale if isinstance(low.scale, Tensor) else torch.tensor(float(low.scale), device=x.device)
     x_in = None if low.x is x else low.x
-    fn = op.cuda_op() if x.is_cuda else op.lora_linear
+    fn = op.cuda_op(low.A.shape[0]) if x.is_cuda else op.lora_linear
     return fn(x, weight, bias, low.A, low.B, s, low.gate, x_in)
