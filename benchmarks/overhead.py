@@ -113,7 +113,7 @@ def decode_main(args) -> None:
             data[f"{mode}_batch{batch}"] = {"ms_per_token": {k: v * 1e3 for k, v in t.items()}}
             data[f"{mode}_batch{batch}"]["ratio_to_base"] = {k: v / t["base"] for k, v in t.items()}
             rows.append(_decode_row(f"{mode}, batch {batch}", t))
-    floors = decode_floors(fx_model, steps is not None, base.config.vocab_size, new)
+    floors = decode_floors(fx_model, steps is not None, base.config.vocab_size, new, args.batches)
     step_rows, floor_rows, past = decode_step_rows(models, steps, args, data, max_len=4 + new, floors=floors)
     flops = added_flop_ratio(fx_model)
     md = [
@@ -155,11 +155,11 @@ def decode_main(args) -> None:
     print(f"written {path}")
 
 
-def decode_floors(fx_model, compiled: bool, vocab: int, new: int) -> dict[str, dict[str, tuple]]:
+def decode_floors(fx_model, compiled: bool, vocab: int, new: int, batches) -> dict[str, dict[str, tuple]]:
     """``{"eager"|"compiled": {name: (model, step)}}``: the lower bounds of ``_decode_floor``, checked
     first. Each floor model computes the lorafx model's logits (to fp32 rounding: a bound that computes
     something else bounds nothing) on a batch-8 decode step, and each compiled one decodes the lorafx
-    model's tokens; raises otherwise."""
+    model's tokens at each of ``batches`` (compiling its graph for each); raises otherwise."""
     floors = {"eager": {k: (m, m) for k, m in floor_models(fx_model).items()}}
     if compiled:
         models = compiled_floor_models(fx_model)
@@ -172,10 +172,13 @@ def decode_floors(fx_model, compiled: bool, vocab: int, new: int) -> dict[str, d
             for name, (model, step) in named.items():
                 logits = model(ids[:, -1:], past_key_values=model(ids, use_cache=True).past_key_values).logits
                 torch.testing.assert_close(logits, ref, msg=lambda m, k=name: f"decode floor {k!r}: {m}")
-                if mode == "compiled":  # compiles; and decodes the lorafx model's tokens
-                    tokens = static_decode_fn(model, step, ids[:1, :4], new)()
-                    if not torch.equal(tokens, static_decode_fn(fx_model, fx_model, ids[:1, :4], new)()):
-                        raise RuntimeError(f"compiled decode floor {name!r} decodes other tokens than lorafx")
+                for batch in batches if mode == "compiled" else ():  # compiles; decodes lorafx's tokens
+                    prompt = torch.randint(0, vocab, (batch, 4))
+                    tokens = static_decode_fn(model, step, prompt, new)()
+                    if not torch.equal(tokens, static_decode_fn(fx_model, fx_model, prompt, new)()):
+                        raise RuntimeError(
+                            f"compiled decode floor {name!r} decodes other tokens than lorafx (batch {batch})"
+                        )
     return floors
 
 
