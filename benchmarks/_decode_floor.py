@@ -101,19 +101,23 @@ def _prepare_three_ops(region, weight_name, sites):
     sites.__dict__[_OPS] = _operands(sites._slot)
 
 
-def _prepare_shrink_in_gemm(region, weight_name, sites):
-    A, Bt, s = _operands(sites._slot)
-    weight = region.get_parameter(weight_name)
-    WA = torch.cat([weight.detach(), A])
-    weight.data = WA[: weight.shape[0]]  # the floor's W lives in the first rows of the shared buffer
-    sites.__dict__[_OPS] = {"WA": WA, "WAt": WA.t(), "Bt": Bt, "s": s, "d_out": weight.shape[0], "shapes": {}}
-
-
-def _prepare_shrink_in_gemm_graph(region, weight_name, sites):
+def _packed(region, weight_name, sites) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``([W; A], Bᵀ, s)`` of a site, the floor's ``W`` rehomed to the first rows of the shared buffer."""
     A, Bt, s = _operands(sites._slot)
     weight = region.get_parameter(weight_name)
     WA = torch.cat([weight.detach(), A])
     weight.data = WA[: weight.shape[0]]
+    return WA, Bt, s
+
+
+def _prepare_shrink_in_gemm(region, weight_name, sites):
+    WA, Bt, s = _packed(region, weight_name, sites)
+    d_out = WA.shape[0] - Bt.shape[0]
+    sites.__dict__[_OPS] = {"WA": WA, "WAt": WA.t(), "Bt": Bt, "s": s, "d_out": d_out, "shapes": {}}
+
+
+def _prepare_shrink_in_gemm_graph(region, weight_name, sites):
+    WA, Bt, s = _packed(region, weight_name, sites)
     sites.register_buffer("floor_wa", WA, persistent=False)  # buffers: torch.compile lifts them as inputs
     sites.register_buffer("floor_bt", Bt, persistent=False)
     sites.floor_s = s

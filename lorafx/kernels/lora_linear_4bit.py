@@ -165,11 +165,10 @@ def triton_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksiz
     """The forward through the fused Triton kernel (the op's CUDA kernel; the tests run it on CPU
     under the Triton interpreter): ``h = s·((x_in Aᵀ) ⊙ g)`` ``[T, R]`` in fp32 (small: R columns),
     then decode + GEMM + expand in one accumulator. Above ``MAX_KERNEL_RANK`` the composite."""
-    from lorafx.kernels._triton.lora_4bit import lora_4bit
-
     if A.shape[0] > MAX_KERNEL_RANK:  # the kernel spills there (lorafx.kernels._common)
         return _composite_forward(x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, b, A, B,
                                   s, g, x_in)  # fmt: skip
+    from lorafx.kernels._triton.lora_4bit import lora_4bit
 
     x2 = flat(x)
     h = canonical.shrink(flat(x if x_in is None else x_in).float(), A.float(), None if g is None else flat(g).float())
@@ -198,11 +197,10 @@ def triton_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blo
     ``u = s·(dY B)`` and ``dh = u ⊙ g`` (``[T, R]``, fp32), then ``dX = dY·dequant(Wq) + dh A`` with W
     decoded tile by tile in one accumulator; ``dA``, ``dB``, ``dg`` are small GEMMs in fp32. Above
     ``MAX_KERNEL_RANK`` the composite."""
-    from lorafx.kernels._triton.lora_4bit import lora_4bit
-
     if A.shape[0] > MAX_KERNEL_RANK:
         return _composite_backward(dy, x, qweight, absmax, code, absmax2, code2, offset, N, blocksize, blocksize2, A,
                                    B, s, g, x_in, need_g)  # fmt: skip
+    from lorafx.kernels._triton.lora_4bit import lora_4bit
 
     dy2, x2 = flat(dy), flat(x)
     xin2 = (x2 if x_in is None else flat(x_in)).float()

@@ -188,10 +188,10 @@ def _forward_on_cuda(x, W, b, A, B, s, idx):
 def _backward_on_cuda(dy, x, W, A, B, s, idx, need_dx: bool):
     """CUDA kernel of the backward op: dx by the segmented Triton kernels (one accumulator for
     ``dY W + (s[i]·dY B[i]) A[i]``), dA and dB per adapter as in the composite."""
-    from lorafx.kernels._triton import launchers
-
     if A.shape[1] > MAX_KERNEL_RANK:  # the kernels spill there: the composite, dx included
         return multi_backward_composite(dy, x, W, A, B, s, idx, need_dx)
+    from lorafx.kernels._triton import launchers
+
     _, dA, dB = multi_backward_composite(dy, x, W, A, B, s, idx, False)
     if not need_dx:
         return x.new_empty(0), dA, dB
@@ -200,7 +200,6 @@ def _backward_on_cuda(dy, x, W, A, B, s, idx, need_dx: bool):
 
 def register_triton() -> None:
     """Register the segmented Triton kernels for CUDA (runs at import on CUDA + triton)."""
-
     lora_linear_multi.register_kernel("cuda")(_forward_on_cuda)
     lora_linear_multi_backward.register_kernel("cuda")(_backward_on_cuda)
 
